@@ -1,0 +1,1 @@
+"""Offline package: STL data layer, synthetic catalogue, embedder, training and evaluation."""

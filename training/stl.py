@@ -1,0 +1,275 @@
+"""The Pinterest Shop-the-Look (STL) data format: pair files, category files and an image folder.
+
+A dataset directory holds `pairs.jsonl` (one `{"product", "scene", "bbox"}` object per line, the
+upstream `fashion.json`), `categories.json` (`{product_id: "A|B|C"}`, the upstream
+`fashion-cat.json`) and `images/scenes/<id>.jpg`, `images/products/<id>.jpg`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+LOG = logging.getLogger(__name__)
+
+PAIRS_FILE = "pairs.jsonl"
+CATEGORIES_FILE = "categories.json"
+# Upstream names, accepted when the canonical ones are absent.
+UPSTREAM_PAIRS_FILES = ("fashion.json", "home.json")
+UPSTREAM_CATEGORIES_FILES = ("fashion-cat.json", "home-cat.json")
+SCENES_DIR = Path("images") / "scenes"
+PRODUCTS_DIR = Path("images") / "products"
+IMAGE_SUFFIX = ".jpg"
+
+BBox = tuple[float, float, float, float]
+OnError = Literal["raise", "skip"]
+_ID_RE = re.compile(r"^[0-9a-zA-Z_-]{1,128}$")
+
+
+class STLFormatError(ValueError):
+    """A record of an STL file is invalid; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Issue:
+    path: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Pair:
+    scene_id: str
+    product_id: str
+    bbox: BBox
+
+
+def validate_bbox(values: object) -> BBox:
+    """Return a `[left, top, right, bottom]` box in [0, 1] or raise ValueError saying why not."""
+    if not isinstance(values, (list, tuple)) or len(values) != 4:
+        raise ValueError(f"bbox must be 4 numbers [left, top, right, bottom], got {values!r}")
+    box: list[float] = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"bbox values must be numbers, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"bbox values must be finite, got {value!r}")
+        box.append(float(value))
+    left, top, right, bottom = box
+    if min(box) < 0.0 or max(box) > 1.0:
+        raise ValueError(f"bbox values must lie in [0, 1], got {box}")
+    if left >= right:
+        raise ValueError(f"bbox left ({left}) must be less than right ({right})")
+    if top >= bottom:
+        raise ValueError(f"bbox top ({top}) must be less than bottom ({bottom})")
+    return left, top, right, bottom
+
+
+def short_name(category_path: str) -> str:
+    return category_path.rsplit("|", 1)[-1]
+
+
+class CategoryMap:
+    """product id -> full category path, with short names (last path part) accepted wherever a path is."""
+
+    def __init__(self, product_to_path: dict[str, str]) -> None:
+        self.product_to_path = dict(product_to_path)
+        self.paths: list[str] = sorted(set(self.product_to_path.values()))
+        self._by_short: dict[str, list[str]] = {}
+        for path in self.paths:
+            self._by_short.setdefault(short_name(path), []).append(path)
+        self._products: dict[str, list[str]] = {path: [] for path in self.paths}
+        for product_id in sorted(self.product_to_path):
+            self._products[self.product_to_path[product_id]].append(product_id)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> CategoryMap:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise STLFormatError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(raw, dict):
+            raise STLFormatError(f"{path}:1: expected an object {{product_id: category path}}")
+        for product_id, category in raw.items():
+            if not isinstance(category, str) or not category.strip():
+                raise STLFormatError(f"{path}:1: product {product_id!r} has no category path")
+        return cls(raw)
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.product_to_path, sort_keys=True), encoding="utf-8")
+
+    def __contains__(self, product_id: str) -> bool:
+        return product_id in self.product_to_path
+
+    def __len__(self) -> int:
+        return len(self.product_to_path)
+
+    def of(self, product_id: str) -> str:
+        return self.product_to_path[product_id]
+
+    def resolve(self, name: str) -> str:
+        """Full category path for a full path or a short name; KeyError listing the known ones."""
+        name = name.strip()
+        if name in self._products:
+            return name
+        matches = self._by_short.get(name, [])
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise KeyError(f"category {name!r} is ambiguous; use one of the full paths: {matches}")
+        raise KeyError(f"unknown category {name!r}; known categories: {self.short_names()}")
+
+    def short_names(self) -> list[str]:
+        return [short_name(path) if len(self._by_short[short_name(path)]) == 1 else path for path in self.paths]
+
+    def products_in(self, category: str) -> list[str]:
+        """Product ids of a category (full path or short name), sorted."""
+        return self._products[self.resolve(category)]
+
+
+@dataclass
+class LoadReport:
+    """Records that were skipped while loading, each with file and line."""
+
+    issues: list[Issue] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.issues)
+
+
+def _fail(report: LoadReport, on_error: OnError, issue: Issue) -> None:
+    if on_error == "raise":
+        raise STLFormatError(str(issue))
+    LOG.warning("skipping %s", issue)
+    report.issues.append(issue)
+
+
+def read_pairs(
+    path: str | Path,
+    categories: CategoryMap | None = None,
+    image_root: str | Path | None = None,
+    on_error: OnError = "raise",
+    report: LoadReport | None = None,
+) -> list[Pair]:
+    """Read an STL pair file (JSON lines), validating every record.
+
+    With `categories`, a pair whose product has no category is an error; with `image_root`, so is a
+    pair whose scene or product image is missing. `on_error="skip"` drops bad records and records
+    them in `report` instead of raising.
+    """
+    path = Path(path)
+    report = report if report is not None else LoadReport()
+    root = Path(image_root) if image_root is not None else None
+    pairs: list[Pair] = []
+    with path.open(encoding="utf-8") as lines:
+        for number, text in enumerate(lines, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                _fail(report, on_error, Issue(str(path), number, f"malformed JSON: {exc.msg}"))
+                continue
+            if not isinstance(record, dict):
+                _fail(report, on_error, Issue(str(path), number, "expected a JSON object"))
+                continue
+            missing = [key for key in ("product", "scene", "bbox") if key not in record]
+            if missing:
+                _fail(report, on_error, Issue(str(path), number, f"missing field(s) {missing}"))
+                continue
+            scene_id, product_id = record["scene"], record["product"]
+            bad_id = next(
+                (value for value in (scene_id, product_id) if not isinstance(value, str) or not _ID_RE.match(value)),
+                None,
+            )
+            if bad_id is not None:
+                _fail(report, on_error, Issue(str(path), number, f"invalid image id {bad_id!r}"))
+                continue
+            try:
+                bbox = validate_bbox(record["bbox"])
+            except ValueError as exc:
+                _fail(report, on_error, Issue(str(path), number, str(exc)))
+                continue
+            if categories is not None and product_id not in categories:
+                _fail(report, on_error, Issue(str(path), number, f"product {product_id} has no category"))
+                continue
+            if root is not None:
+                absent = [
+                    str(image)
+                    for image in (scene_path(root, scene_id), product_path(root, product_id))
+                    if not image.is_file()
+                ]
+                if absent:
+                    _fail(report, on_error, Issue(str(path), number, f"missing image(s) {absent}"))
+                    continue
+            pairs.append(Pair(scene_id, product_id, bbox))
+    return pairs
+
+
+def write_pairs(path: str | Path, pairs: Iterable[Pair]) -> None:
+    with Path(path).open("w", encoding="utf-8") as out:
+        for pair in pairs:
+            record = {"product": pair.product_id, "scene": pair.scene_id, "bbox": [round(v, 6) for v in pair.bbox]}
+            out.write(json.dumps(record) + "\n")
+
+
+def scene_path(root: str | Path, scene_id: str) -> Path:
+    return Path(root) / SCENES_DIR / f"{scene_id}{IMAGE_SUFFIX}"
+
+
+def product_path(root: str | Path, product_id: str) -> Path:
+    return Path(root) / PRODUCTS_DIR / f"{product_id}{IMAGE_SUFFIX}"
+
+
+def _find(root: Path, names: Sequence[str]) -> Path:
+    for name in names:
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(f"{root} has none of {list(names)}; is it an STL dataset directory?")
+
+
+@dataclass
+class STLDataset:
+    """A dataset directory: its pairs, categories and images."""
+
+    root: Path
+    pairs: list[Pair]
+    categories: CategoryMap
+    report: LoadReport
+
+    @classmethod
+    def open(cls, root: str | Path, on_error: OnError = "raise", check_images: bool = True) -> STLDataset:
+        root = Path(root)
+        categories = CategoryMap.from_file(_find(root, (CATEGORIES_FILE, *UPSTREAM_CATEGORIES_FILES)))
+        report = LoadReport()
+        pairs = read_pairs(
+            _find(root, (PAIRS_FILE, *UPSTREAM_PAIRS_FILES)),
+            categories,
+            image_root=root if check_images else None,
+            on_error=on_error,
+            report=report,
+        )
+        LOG.info("loaded %d pairs (%d skipped) and %d products from %s", len(pairs), report.skipped,
+                 len(categories), root)
+        return cls(root, pairs, categories, report)
+
+    def scene_path(self, scene_id: str) -> Path:
+        return scene_path(self.root, scene_id)
+
+    def product_path(self, product_id: str) -> Path:
+        return product_path(self.root, product_id)
+
+    def catalogue(self) -> list[str]:
+        """Every product id that has a category and an image, sorted: what an index is built from."""
+        return [pid for pid in sorted(self.categories.product_to_path) if self.product_path(pid).is_file()]
