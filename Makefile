@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: install test lint demo clean
 
+DEMO_ARGS ?=
+
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -23,6 +25,9 @@ lint: install
 
 test: install
 	$(PY) -m pytest -q
+
+demo: install
+	$(PY) scripts/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
