@@ -1,0 +1,45 @@
+"""`python -m service [--host H] [--port P]`: serve the API with uvicorn (configuration from STL_* env)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from service.settings import Settings, get_settings
+
+LOG = logging.getLogger(__name__)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    parser.add_argument("--host", default=None, help="interface to listen on (default STL_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default STL_PORT or 8000; 0 = any free)")
+    parser.add_argument("--log-level", default=None, help="overrides STL_LOG_LEVEL")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        settings = get_settings()
+        overrides = {name: value for name, value in (("host", args.host), ("port", args.port),
+                                                        ("log_level", args.log_level)) if value is not None}
+        settings = Settings.model_validate({**settings.model_dump(), **overrides}) if overrides else settings
+    except ValidationError as exc:
+        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from service.app import create_app
+
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

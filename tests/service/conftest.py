@@ -1,0 +1,134 @@
+"""A tiny real artifact (tiny backbone, index.build) and helpers shared by the service tests."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image, ImageDraw
+
+from index.artifact import current_version
+from index.build import build
+from service.app import create_app
+from service.settings import Settings
+from training.backbones import load_backbone
+from training.checkpoint import Checkpoint, save_checkpoint
+from training.embedder import Preprocess
+from training.head import CompatibilityHead, HeadConfig
+
+SHOES = "Apparel & Accessories|Shoes"
+BAGS = "Apparel & Accessories|Handbags"
+PANTS = "Apparel & Accessories|Clothing|Pants"
+CATEGORIES = {SHOES: 9, BAGS: 6, PANTS: 5}
+
+
+def draw(rng: np.random.Generator, size: int = 48) -> Image.Image:
+    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 256, 3)))
+    pen = ImageDraw.Draw(image)
+    for _ in range(3):
+        x0, y0 = (int(v) for v in rng.integers(0, size // 2, 2))
+        x1, y1 = x0 + int(rng.integers(8, size // 2)), y0 + int(rng.integers(8, size // 2))
+        pen.rectangle([x0, y0, x1, y1], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    return image
+
+
+def encode(image: Image.Image, image_format: str = "JPEG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, image_format, **options)
+    return buffer.getvalue()
+
+
+def scene_jpeg(seed: int = 7, size: int = 96) -> bytes:
+    return encode(draw(np.random.default_rng(seed), size), "JPEG", quality=90)
+
+
+def make_dataset(root: Path, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    product_categories: dict[str, str] = {}
+    for c, (category, count) in enumerate(CATEGORIES.items()):
+        for i in range(count):
+            pid = f"p{c}x{i:03d}"
+            product_categories[pid] = category
+            path = root / "images" / "products" / f"{pid}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            draw(rng).save(path, "JPEG", quality=90)
+    product_ids = sorted(product_categories)
+    with (root / "pairs.jsonl").open("w") as pairs:
+        for s in range(24):
+            sid = f"s{s:03d}"
+            path = root / "images" / "scenes" / f"{sid}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            draw(rng, 64).save(path, "JPEG", quality=90)
+            for pid in rng.choice(product_ids, size=3, replace=False):
+                pairs.write(json.dumps({"scene": sid, "product": str(pid), "bbox": [0.1, 0.1, 0.6, 0.7]}) + "\n")
+    (root / "categories.json").write_text(json.dumps(product_categories))
+    return root
+
+
+def make_checkpoint(path: Path, seed: int = 0) -> Path:
+    backbone = load_backbone("tiny")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = CompatibilityHead(HeadConfig(in_dim=backbone.dim, hidden_dim=32, out_dim=16)).eval()
+    save_checkpoint(path, Checkpoint(
+        head_config=head.config,
+        state_dict=head.state_dict(),
+        backbone_name=backbone.name,
+        backbone_weights_sha256=backbone.weights_sha256,
+        preprocess=Preprocess(backbone.image_size, backbone.mean, backbone.std, 0.1),
+        train_config={"split_seed": 0},
+    ))
+    return path
+
+
+def build_version(data: Path, checkpoint: Path, root: Path) -> str:
+    return build(data, checkpoint, root, device="cpu", workers=0, progress=False)
+
+
+def make_settings(artifacts: Path, **overrides) -> Settings:
+    values = {"artifacts": artifacts, "device": "cpu", "batch_max_wait_ms": 1.0, "torch_threads": 0,
+              "admin_token": None, "checkpoint": None, "index_version": None}
+    return Settings(**{**values, **overrides})
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One dataset, two head checkpoints (seeds 0 and 1) and an artifact root with one version (seed 0)."""
+    base = tmp_path_factory.mktemp("service")
+    data = make_dataset(base / "data")
+    head0 = make_checkpoint(base / "head0.pt", seed=0)
+    head1 = make_checkpoint(base / "head1.pt", seed=1)
+    root = base / "artifacts"
+    build_version(data, head0, root)
+    return {"data": data, "head0": head0, "head1": head1, "root": root}
+
+
+@pytest.fixture
+def artifacts(built: dict[str, Path], tmp_path: Path) -> Path:
+    """A private copy of the artifact root, for tests that publish versions or damage files."""
+    root = tmp_path / "artifacts"
+    shutil.copytree(built["root"], root, symlinks=True)
+    assert current_version(root) is not None
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(built: dict[str, Path]) -> Iterator[TestClient]:
+    """A running app on the shared (read-only) artifact."""
+    with TestClient(create_app(make_settings(built["root"], max_upload_mb=0.25, max_image_pixels=1_000_000))) as app:
+        yield app
+
+
+def post(client: TestClient, image: bytes | None = None, category: str | None = "Shoes", **fields):
+    data = {key: str(value) for key, value in fields.items() if value is not None}
+    if category is not None:
+        data["category"] = category
+    files = {"image": ("scene.jpg", image if image is not None else scene_jpeg(), "image/jpeg")}
+    return client.post("/recommend", data=data, files=files)

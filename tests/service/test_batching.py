@@ -1,0 +1,99 @@
+"""The dynamic batcher: concurrent crops share a forward pass, each caller gets its own row back."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import CancelledError
+
+import numpy as np
+import pytest
+import torch
+
+from service.batching import Batcher, BatcherClosed
+
+
+class FakeEmbedder:
+    """Returns each crop's first pixel as its vector; the first call blocks until released."""
+
+    def __init__(self, block_first: bool = False) -> None:
+        self.batches: list[int] = []
+        self.release = threading.Event()
+        self.started = threading.Event()
+        if not block_first:
+            self.release.set()
+
+    def embed_batch(self, batch: torch.Tensor, kind: str) -> np.ndarray:
+        assert kind == "scene"
+        self.started.set()
+        self.release.wait(10)
+        self.batches.append(len(batch))
+        return batch[:, :, 0, 0].numpy().copy()
+
+
+def crop(value: float) -> torch.Tensor:
+    return torch.full((3, 2, 2), value)
+
+
+def test_queued_requests_share_one_forward_pass() -> None:
+    sizes: list[int] = []
+    embedder = FakeEmbedder(block_first=True)
+    batcher = Batcher(max_size=8, max_wait_s=0.0, on_batch=sizes.append)
+    try:
+        first = batcher.submit(embedder, crop(-1.0))
+        assert embedder.started.wait(5)  # the worker is busy with the first crop...
+        futures = [batcher.submit(embedder, crop(float(i))) for i in range(10)]  # ...while 10 more queue up
+        embedder.release.set()
+        assert first.result(5)[0] == -1.0
+        for i, future in enumerate(futures):
+            np.testing.assert_array_equal(future.result(5), [i, i, i])
+    finally:
+        batcher.close()
+    assert embedder.batches == [1, 8, 2]  # max_size caps a batch
+    assert sizes == [1, 8, 2]
+
+
+def test_failure_reaches_every_caller_and_worker_survives() -> None:
+    class Broken(FakeEmbedder):
+        def embed_batch(self, batch, kind):
+            raise RuntimeError("boom")
+
+    batcher = Batcher(max_size=4, max_wait_s=0.0)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            batcher.submit(Broken(), crop(1.0)).result(5)
+        np.testing.assert_array_equal(batcher.submit(FakeEmbedder(), crop(2.0)).result(5), [2, 2, 2])
+    finally:
+        batcher.close()
+
+
+def test_two_embedders_in_one_batch_get_separate_passes() -> None:
+    # After a hot reload the old and new model can have jobs queued together.
+    blocker, old, new = FakeEmbedder(block_first=True), FakeEmbedder(), FakeEmbedder()
+    batcher = Batcher(max_size=8, max_wait_s=0.0)
+    try:
+        gate = batcher.submit(blocker, crop(0.0))
+        assert blocker.started.wait(5)
+        futures = [batcher.submit(old if i % 2 else new, crop(float(i))) for i in range(6)]
+        blocker.release.set()
+        gate.result(5)
+        assert [f.result(5)[0] for f in futures] == [0, 1, 2, 3, 4, 5]
+    finally:
+        batcher.close()
+    assert old.batches == [3] and new.batches == [3]
+
+
+def test_cancelled_jobs_are_skipped_and_closed_batcher_refuses() -> None:
+    embedder = FakeEmbedder(block_first=True)
+    batcher = Batcher(max_size=8, max_wait_s=0.0)
+    gate = batcher.submit(embedder, crop(0.0))
+    assert embedder.started.wait(5)
+    doomed, kept = batcher.submit(embedder, crop(1.0)), batcher.submit(embedder, crop(2.0))
+    assert doomed.cancel()
+    embedder.release.set()
+    assert kept.result(5)[0] == 2.0 and gate.result(5)[0] == 0.0
+    with pytest.raises(CancelledError):
+        doomed.result(0)
+    batcher.close()
+    assert embedder.batches == [1, 1]
+    with pytest.raises(BatcherClosed):
+        batcher.submit(embedder, crop(3.0))
