@@ -1,0 +1,1 @@
+"""Per-category FAISS index artifacts: offline build, atomic publish, incremental edits, the service loader."""

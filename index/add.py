@@ -1,0 +1,146 @@
+"""`python -m index add`: publish a new version with products added, embedding only the new images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from index.artifact import ArtifactError
+from index.edit import changed, derive, open_current, unchanged
+from index.embed import embed_product_files
+from index.publish import DEFAULT_KEEP, build_lock
+from training.checkpoint import CheckpointMismatch
+from training.embedder import Embedder
+from training.stl import CategoryMap
+
+LOG = logging.getLogger(__name__)
+
+_ID_RE = re.compile(r"^[0-9a-zA-Z_-]{1,128}$")  # the STL id rule (training.stl), ids become file names
+
+
+@dataclass(frozen=True)
+class NewProduct:
+    id: str
+    category: str  # full path or unambiguous short name
+    image: Path
+
+
+def read_jsonl(path: Path) -> list[NewProduct]:
+    """`{"id", "category", "image"}` per line; relative image paths are relative to the file's folder."""
+    products = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc}") from exc
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            image = Path(record["image"])
+            products.append(NewProduct(str(record["id"]), str(record["category"]),
+                                       image if image.is_absolute() else path.parent / image))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ArtifactError(f"{path}:{number}: expected {{\"id\", \"category\", \"image\"}}: {exc}") from exc
+    return products
+
+
+def validate(products: list[NewProduct], catalogue: CategoryMap) -> list[NewProduct]:
+    """Resolve categories to full paths; every problem of every product in one clear error."""
+    problems, resolved, seen = [], [], set()
+    for product in products:
+        if not _ID_RE.match(product.id):
+            problems.append(f"{product.id!r}: invalid id (letters, digits, _ and - only, at most 128)")
+        elif product.id in catalogue:
+            problems.append(f"{product.id}: already in the index (category {catalogue.of(product.id)!r})")
+        elif product.id in seen:
+            problems.append(f"{product.id}: given twice")
+        seen.add(product.id)
+        try:
+            category = catalogue.resolve(product.category)
+        except KeyError as exc:
+            problems.append(f"{product.id}: {exc.args[0]}")
+            category = product.category
+        if not product.image.is_file():
+            problems.append(f"{product.id}: image {product.image} does not exist")
+        resolved.append(NewProduct(product.id, category, product.image))
+    if not products:
+        problems.append("no products given")
+    if problems:
+        raise ArtifactError("nothing published: " + "; ".join(problems))
+    return resolved
+
+
+def add_products(root: Path, products: list[NewProduct], device: str = "auto", keep: int = DEFAULT_KEEP,
+                 batch_size: int = 64) -> str:
+    """Publish a new version = current + `products`; returns the new version name."""
+    started = time.perf_counter()
+    root = Path(root)
+    with build_lock(root):
+        artifact = open_current(root)
+        records = artifact.products()
+        catalogue = CategoryMap({record["id"]: record["category"] for record in records})
+        products = validate(products, catalogue)
+        embedder = Embedder.from_checkpoint(artifact.checkpoint_path, device)
+        artifact.check_embedder(embedder.fingerprint())
+        vectors, readable = embed_product_files(embedder, [p.image for p in products], batch_size, workers=0,
+                                                progress=False)
+        unreadable = [str(p.image) for p, ok in zip(products, readable, strict=True) if not ok]
+        if unreadable:
+            raise ArtifactError(f"nothing published: unreadable image(s) {unreadable}")
+
+        categories = []
+        for category in sorted(artifact.categories):
+            rows = [i for i, p in enumerate(products) if p.category == category]
+            if not rows:
+                categories.append(unchanged(artifact, category))
+                continue
+            index = artifact.read_index(category)
+            index.add(np.ascontiguousarray(vectors[rows]))  # faiss ids = positions, so appending keeps them
+            ids = artifact.read_ids(category) + [products[i].id for i in rows]
+            all_vectors = np.concatenate([artifact.read_vectors(category), vectors[rows]])
+            categories.append(changed(artifact, category, ids, all_vectors, index))
+        records = records + [{"id": p.id, "category": p.category, "image": str(p.image.resolve())} for p in products]
+        operation = {"operation": "add", "ids": [p.id for p in products]}
+        version = derive(root, artifact, categories, records, operation, embedder.fingerprint(), keep, started)
+        LOG.info("added %d products: %s -> %s", len(products), artifact.version, version)
+        return version
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m index add", description=__doc__)
+    parser.add_argument("--artifacts", type=Path, required=True, help="artifact root")
+    parser.add_argument("--id", action="append", default=[], help="product id (repeat with --category/--image)")
+    parser.add_argument("--category", action="append", default=[], help="category path or short name, per --id")
+    parser.add_argument("--image", action="append", default=[], type=Path, help="product image file, per --id")
+    parser.add_argument("--from", dest="from_file", type=Path, default=None,
+                        help='JSON lines of {"id", "category", "image"}')
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--keep", type=int, default=DEFAULT_KEEP)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if not (len(args.id) == len(args.category) == len(args.image)):
+        print(f"error: give one --category and one --image per --id (got {len(args.id)} ids, "
+              f"{len(args.category)} categories, {len(args.image)} images)", file=sys.stderr)
+        return 2
+    try:
+        products = [NewProduct(*fields) for fields in zip(args.id, args.category, args.image, strict=True)]
+        if args.from_file is not None:
+            products += read_jsonl(args.from_file)
+        version = add_products(args.artifacts, products, args.device, args.keep)
+    except (ArtifactError, CheckpointMismatch, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"published {version} with {len(products)} product(s) added")
+    return 0

@@ -1,0 +1,268 @@
+"""Reading a published index artifact: the loader API the service codes against.
+
+Layout of an artifact root:
+    versions/<version>/manifest.json   what was built, from what, with the sha256 of every file
+    versions/<version>/model.pt        copy of the head checkpoint, so the root is all a service needs
+    versions/<version>/<slug>.faiss    one FAISS index per category (faiss ids = row positions)
+    versions/<version>/<slug>.ids.json product id of each row
+    versions/<version>/<slug>.vectors.npy  the rows themselves, so add/remove never re-embed
+    versions/<version>/products.json   product id, category, image reference
+    versions/<version>/popularity.json popularity of the training pairs
+    current -> versions/<version>      switched atomically by `index.publish`
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from training.checkpoint import file_sha256
+
+LOG = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+CHECKPOINT_FILE = "model.pt"
+PRODUCTS_FILE = "products.json"
+POPULARITY_FILE = "popularity.json"
+VERSIONS_DIR = "versions"
+CURRENT_LINK = "current"
+# Fingerprint fields that must agree between the manifest and the embedder that queries the indexes.
+FINGERPRINT_FIELDS = ("backbone", "backbone_weights_sha256", "head_sha256", "dim", "preprocess", "metric")
+
+
+class ArtifactError(Exception):
+    """No artifact is published, or it is unreadable or corrupt."""
+
+
+class IndexMismatch(ArtifactError):
+    """The artifact was built with another embedder than the one that would query it."""
+
+
+def versions_dir(root: Path) -> Path:
+    return Path(root) / VERSIONS_DIR
+
+
+def list_versions(root: Path) -> list[str]:
+    """Published version names, oldest first (names sort by their UTC timestamp prefix)."""
+    folder = versions_dir(root)
+    if not folder.is_dir():
+        return []
+    return sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
+def latest_version(root: Path) -> str | None:
+    versions = list_versions(root)
+    return versions[-1] if versions else None
+
+
+def current_version(root: Path) -> str | None:
+    """The version the `current` link points at, or None when nothing is published."""
+    link = Path(root) / CURRENT_LINK
+    if not link.is_symlink():
+        return None
+    target = Path(link.readlink())
+    return target.name if (versions_dir(root) / target.name).is_dir() else None
+
+
+class CategoryIndex:
+    """One category's FAISS index and the product id of each of its rows."""
+
+    def __init__(self, category: str, index: faiss.Index, product_ids: list[str]) -> None:
+        if index.ntotal != len(product_ids):
+            raise ArtifactError(f"category {category!r}: index has {index.ntotal} rows but {len(product_ids)} ids")
+        self.category = category
+        self.index = index
+        self.product_ids = product_ids
+        self.dim: int = index.d
+        # Search parameters are set once at load, never per call: concurrent searches (faiss releases
+        # the GIL) then only read shared state, which faiss CPU indexes allow.
+
+    @property
+    def size(self) -> int:
+        return len(self.product_ids)
+
+    def search(self, vectors: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """Top-k (product id, inner product) per query row; k is capped at the index size."""
+        queries = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"expected query vectors of shape [n, {self.dim}], got {np.shape(vectors)}")
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        k = min(k, self.size)
+        if k == 0 or len(queries) == 0:
+            return [[] for _ in range(len(queries))]
+        scores, rows = self.index.search(queries, k)
+        # Approximate indexes may return fewer than k hits (-1 rows) when few lists are probed.
+        return [
+            [(self.product_ids[row], float(score)) for score, row in zip(score_row, row_ids, strict=True) if row >= 0]
+            for score_row, row_ids in zip(scores, rows, strict=True)
+        ]
+
+
+def apply_search_params(index: faiss.Index, params: dict[str, int]) -> None:
+    """Set nprobe / efSearch (whatever the manifest recorded) through faiss's generic parameter space."""
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        space.set_index_parameter(index, name, value)
+
+
+@dataclass
+class Artifact:
+    version: str
+    path: Path
+    manifest: dict
+    categories: dict[str, int] = field(default_factory=dict)
+    _popularity: object | None = None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT_FILE
+
+    @property
+    def popularity(self):  # -> training.popularity.Popularity, imported lazily to keep loading cheap
+        if self._popularity is None:
+            from training.popularity import Popularity
+
+            try:
+                self._popularity = Popularity.from_json(self.path / POPULARITY_FILE)
+            except (OSError, ValueError) as exc:
+                raise ArtifactError(f"{self.path / POPULARITY_FILE}: {exc}") from exc
+        return self._popularity
+
+    @classmethod
+    def from_dir(cls, path: Path) -> Artifact:
+        """Open one version directory (published or staged) by reading its manifest."""
+        path = Path(path)
+        manifest_path = path / MANIFEST_FILE
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ArtifactError(f"{manifest_path} is missing; the artifact is incomplete") from exc
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{manifest_path} is unreadable: {exc}") from exc
+        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(f"{manifest_path} is not an index manifest of format {FORMAT_VERSION}")
+        try:
+            categories = {name: int(entry["count"]) for name, entry in manifest["categories"].items()}
+            version = str(manifest["version"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{manifest_path} lacks a field: {exc}") from exc
+        return cls(version=version, path=path, manifest=manifest, categories=categories)
+
+    def fingerprint(self) -> dict:
+        return dict(self.manifest.get("embedder", {}))
+
+    def check_embedder(self, fingerprint: dict) -> None:
+        """Raise IndexMismatch naming every field where the embedder differs from the one that built this."""
+        built_with = self.fingerprint()
+        reasons = []
+        for name in FINGERPRINT_FIELDS:
+            if built_with.get(name) != fingerprint.get(name):
+                reasons.append(f"{name}: index has {_short(built_with.get(name))}, "
+                               f"embedder has {_short(fingerprint.get(name))}")
+        if reasons:
+            raise IndexMismatch(
+                f"index version {self.version} was built with another embedder ("
+                + "; ".join(reasons)
+                + f"); load the embedder from {self.checkpoint_path} or rebuild the index"
+            )
+
+    def verify_files(self) -> list[str]:
+        """Problems found comparing every file with the sha256 the manifest recorded (empty when sound)."""
+        problems = []
+        for name, expected in sorted(self.manifest.get("files", {}).items()):
+            file = self.path / name
+            if not file.is_file():
+                problems.append(f"{name}: missing")
+            elif file_sha256(file) != expected:
+                problems.append(f"{name}: sha256 differs from the manifest (corrupt or modified)")
+        return problems
+
+    def read_ids(self, category: str) -> list[str]:
+        entry = self._entry(category)
+        try:
+            ids = json.loads((self.path / entry["ids_file"]).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"category {category!r}: unreadable id file: {exc}") from exc
+        if not isinstance(ids, list) or len(ids) != entry["count"]:
+            raise ArtifactError(f"category {category!r}: id file does not hold {entry['count']} ids")
+        return [str(pid) for pid in ids]
+
+    def read_vectors(self, category: str) -> np.ndarray:
+        entry = self._entry(category)
+        try:
+            vectors = np.load(self.path / entry["vectors_file"], allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"category {category!r}: unreadable vectors file: {exc}") from exc
+        if vectors.shape != (entry["count"], self.manifest["dim"]):
+            raise ArtifactError(f"category {category!r}: vectors have shape {vectors.shape}, manifest says "
+                                f"({entry['count']}, {self.manifest['dim']})")
+        return vectors.astype(np.float32, copy=False)
+
+    def read_index(self, category: str) -> faiss.Index:
+        entry = self._entry(category)
+        file = self.path / entry["index_file"]
+        try:
+            index = faiss.read_index(str(file))
+        except RuntimeError as exc:  # faiss reports unreadable and truncated files as RuntimeError
+            raise ArtifactError(f"category {category!r}: corrupt index file {file}: {exc}") from exc
+        if index.ntotal != entry["count"] or index.d != self.manifest["dim"]:
+            raise ArtifactError(f"category {category!r}: index holds {index.ntotal}x{index.d}, manifest says "
+                                f"{entry['count']}x{self.manifest['dim']}")
+        apply_search_params(index, entry.get("search_params", {}))
+        return index
+
+    def load_indexes(self, verify_checksums: bool = True) -> dict[str, CategoryIndex]:
+        """Every category's index, ready to search; ArtifactError on a missing, modified or corrupt file."""
+        if verify_checksums:
+            index_files = {self._entry(c)[key] for c in self.categories for key in ("index_file", "ids_file")}
+            problems = [p for p in self.verify_files() if p.split(":", 1)[0] in index_files]
+            if problems:
+                raise ArtifactError(f"index version {self.version} is corrupt: " + "; ".join(problems))
+        indexes = {category: CategoryIndex(category, self.read_index(category), self.read_ids(category))
+                   for category in self.categories}
+        LOG.info("loaded %d category indexes (%d products) of version %s", len(indexes),
+                 sum(self.categories.values()), self.version)
+        return indexes
+
+    def products(self) -> list[dict]:
+        """The products.json records: {"id", "category", "image"}."""
+        try:
+            return json.loads((self.path / PRODUCTS_FILE).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{self.path / PRODUCTS_FILE} is unreadable: {exc}") from exc
+
+    def _entry(self, category: str) -> dict:
+        try:
+            return self.manifest["categories"][category]
+        except KeyError:
+            raise ArtifactError(f"version {self.version} has no category {category!r}") from None
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value, sort_keys=True) if isinstance(value, dict) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def open_artifact(root: Path, version: str | None = None) -> Artifact:
+    """Open a published version of the artifact at `root` (None = the one `current` points at)."""
+    root = Path(root)
+    if version is None:
+        version = current_version(root)
+        if version is None:
+            raise ArtifactError(f"no index version is published under {root} (no valid '{CURRENT_LINK}' link); "
+                                "run `python -m index build` first")
+    path = versions_dir(root) / version
+    if not path.is_dir():
+        raise ArtifactError(f"index version {version!r} does not exist under {root}; "
+                            f"available: {list_versions(root)}")
+    artifact = Artifact.from_dir(path)
+    if artifact.version != version:
+        raise ArtifactError(f"{path} holds manifest of version {artifact.version}, not {version}")
+    return artifact

@@ -1,0 +1,187 @@
+"""`python -m index build`: embed the whole catalogue, index it per category, publish a new version."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from index.ann import DEFAULT_APPROXIMATE, DEFAULT_EXACT_THRESHOLD, Approximate
+from index.artifact import ArtifactError
+from index.embed import embed_product_files
+from index.publish import DEFAULT_KEEP, build_lock, clean_stale, publish, staging_dir
+from index.writer import CategoryData, new_version, write_version
+from training.checkpoint import CheckpointMismatch, file_sha256, load_checkpoint
+from training.embedder import Embedder
+from training.popularity import Popularity
+from training.split import split_by_scene
+from training.stl import CategoryMap, STLDataset, STLFormatError
+
+LOG = logging.getLogger(__name__)
+
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+def data_fingerprint(dataset: STLDataset, catalogue: list[str]) -> str:
+    """sha256 of what the index is built from: each product's id, category and image size and mtime."""
+    digest = hashlib.sha256()
+    for pid in catalogue:
+        stat = dataset.product_path(pid).stat()
+        digest.update(f"{pid}\t{dataset.categories.of(pid)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    digest.update(f"pairs={len(dataset.pairs)}".encode())
+    return digest.hexdigest()
+
+
+def split_seed_of(checkpoint: Path) -> int:
+    """The split seed training used (recorded in the checkpoint's train config), else split_by_scene's default."""
+    config = load_checkpoint(checkpoint).train_config
+    for key in ("split_seed", "seed"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return 0
+
+
+def embed_catalogue(dataset: STLDataset, catalogue: list[str], embedder: Embedder, cache: Path | None,
+                    batch_size: int, workers: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Index vectors of the catalogue and a mask of the products that could be embedded."""
+    if cache is not None:
+        from training.features import cache_features
+
+        # Backbone features already extracted for training are reused; only missing ones are computed.
+        features = cache_features(dataset, embedder, cache, pairs=[], products=catalogue,
+                                  batch_size=batch_size, workers=workers, progress=progress)
+        readable = np.array([features.has_product(pid) for pid in catalogue], dtype=bool)
+        vectors = np.zeros((len(catalogue), embedder.dim), dtype=np.float32)
+        if readable.any():
+            cached = [pid for pid, ok in zip(catalogue, readable, strict=True) if ok]
+            vectors[readable] = embedder.project(features.product_features(cached), "product")
+        return vectors, readable
+    paths = [dataset.product_path(pid) for pid in catalogue]
+    return embed_product_files(embedder, paths, batch_size=batch_size, workers=workers, progress=progress)
+
+
+def build(
+    data: Path,
+    checkpoint: Path,
+    out: Path,
+    device: str = "auto",
+    cache: Path | None = None,
+    exact_threshold: int = DEFAULT_EXACT_THRESHOLD,
+    approximate: Approximate = DEFAULT_APPROXIMATE,
+    keep: int = DEFAULT_KEEP,
+    batch_size: int = 64,
+    workers: int = 2,
+    split_seed: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> str:
+    """Build and publish a new version from a dataset directory and a head checkpoint; returns the version."""
+    started = time.perf_counter()
+    out = Path(out)
+    with build_lock(out):
+        clean_stale(out)
+        dataset = STLDataset.open(data, on_error="skip")
+        catalogue = dataset.catalogue()
+        if not catalogue:
+            raise ArtifactError(f"{data} has no product with both a category and an image; nothing to index")
+        embedder = Embedder.from_checkpoint(checkpoint, device)
+        LOG.info("embedding %d products on %s (faiss GPUs: %d)", len(catalogue), embedder.device,
+                 faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0)
+        embed_started = time.perf_counter()
+        vectors, readable = embed_catalogue(dataset, catalogue, embedder, cache, batch_size, workers, progress)
+        embed_seconds = time.perf_counter() - embed_started
+        skipped = [pid for pid, ok in zip(catalogue, readable, strict=True) if not ok]
+        indexed = {pid: row for row, pid in enumerate(catalogue) if readable[row]}
+        if not indexed:
+            raise ArtifactError("no product image could be read; nothing to index")
+
+        rows_by_category: dict[str, list[int]] = defaultdict(list)
+        for pid, row in indexed.items():
+            rows_by_category[dataset.categories.of(pid)].append(row)
+        categories = [
+            CategoryData(category, [catalogue[row] for row in rows], vectors[rows])
+            for category, rows in sorted(rows_by_category.items())
+        ]
+        products = [
+            {"id": pid, "category": data_.category, "image": _image_reference(dataset, pid)}
+            for data_ in categories for pid in data_.ids
+        ]
+
+        # Popularity from TRAINING pairs only (same split as training), ranked over the indexed products.
+        split_seed = split_seed_of(checkpoint) if split_seed is None else split_seed
+        train_pairs = split_by_scene(dataset.pairs, SPLIT_FRACTIONS, split_seed).train
+        indexed_map = CategoryMap({pid: dataset.categories.of(pid) for pid in indexed})
+        popularity = Popularity.from_pairs((p for p in train_pairs if p.product_id in indexed), indexed_map)
+
+        fingerprint = embedder.fingerprint()
+        fingerprint_text = data_fingerprint(dataset, catalogue)
+        version = new_version(f"{fingerprint_text}|{fingerprint['head_sha256']}")
+        info = {
+            "operation": "build",
+            "parent_version": None,
+            "data_root": str(Path(data).resolve()),
+            "data_fingerprint": fingerprint_text,
+            "checkpoint_source": str(Path(checkpoint).resolve()),
+            "checkpoint_source_sha256": file_sha256(checkpoint),
+            "split": {"fractions": list(SPLIT_FRACTIONS), "seed": split_seed, "train_pairs": len(train_pairs)},
+            "skipped_products": skipped,
+            "device": str(embedder.device),
+            "embed_seconds": round(embed_seconds, 3),
+            "embed_products_per_second": round(len(catalogue) / max(embed_seconds, 1e-9), 2),
+        }
+        staging = staging_dir(out, version)
+        write_version(staging, version, categories, fingerprint, Path(checkpoint), popularity, products, info,
+                      exact_threshold, approximate, seed, progress, started=started)
+        publish(out, staging, keep)
+        return version
+
+
+def _image_reference(dataset: STLDataset, product_id: str) -> str:
+    # Relative to the dataset root, so the artifact stays valid when the data is mounted elsewhere.
+    return str(dataset.product_path(product_id).relative_to(dataset.root))
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m index build", description=__doc__)
+    parser.add_argument("--data", type=Path, required=True, help="STL-format dataset directory")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="head checkpoint (model.pt)")
+    parser.add_argument("--out", type=Path, required=True, help="artifact root (versions/ and current)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--cache", type=Path, default=None, help="backbone feature cache dir to reuse")
+    parser.add_argument("--exact-threshold", type=int, default=DEFAULT_EXACT_THRESHOLD,
+                        help="categories up to this size get an exact index, larger ones an approximate one")
+    parser.add_argument("--approximate", choices=["ivf", "hnsw"], default=DEFAULT_APPROXIMATE)
+    parser.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="versions to keep (current always kept)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
+    parser.add_argument("--split-seed", type=int, default=None,
+                        help="seed of the train split for popularity (default: the checkpoint's, else 0)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.keep < 1 or args.exact_threshold < 0 or args.batch_size < 1 or args.workers < 0:
+        print("error: --keep and --batch-size must be >= 1, --exact-threshold and --workers >= 0", file=sys.stderr)
+        return 2
+    if not args.checkpoint.is_file():
+        print(f"error: checkpoint {args.checkpoint} does not exist", file=sys.stderr)
+        return 2
+    try:
+        version = build(args.data, args.checkpoint, args.out, args.device, args.cache, args.exact_threshold,
+                        args.approximate, args.keep, args.batch_size, args.workers, args.split_seed, args.seed,
+                        progress=not args.no_progress)
+    except (ArtifactError, CheckpointMismatch, STLFormatError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"published {version} under {args.out}")
+    return 0

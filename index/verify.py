@@ -1,0 +1,117 @@
+"""`python -m index verify ARTIFACTS`: files against the manifest's sha256s, the checkpoint, and recall@K of
+every approximate index against exact search on its own vectors. Non-zero exit on any problem."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from index.ann import RECALL_K, RECALL_TARGET, leave_one_out_recall, tuning_rows
+from index.artifact import Artifact, ArtifactError, open_artifact
+from training.checkpoint import CheckpointMismatch, file_sha256, load_checkpoint
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    version: str
+    problems: list[str] = field(default_factory=list)
+    recall: dict[str, float] = field(default_factory=dict)  # approximate categories only
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_checkpoint(artifact: Artifact, checkpoint: Path | None) -> list[str]:
+    """The artifact's model.pt (and, if given, an outside checkpoint) must be the head the index was built with."""
+    problems = []
+    manifest = artifact.manifest
+    candidates = [artifact.checkpoint_path] + ([checkpoint] if checkpoint is not None else [])
+    for path in candidates:
+        if not path.is_file():
+            problems.append(f"checkpoint {path}: missing")
+            continue
+        if file_sha256(path) != manifest["head_sha256"]:
+            problems.append(f"checkpoint {path}: sha256 differs from the head the index was built with "
+                            f"({manifest['head_sha256'][:12]})")
+            continue
+        try:
+            loaded = load_checkpoint(path)
+        except CheckpointMismatch as exc:
+            problems.append(str(exc))
+            continue
+        if loaded.backbone_name != manifest["backbone"] or loaded.backbone_weights_sha256 != manifest[
+                "backbone_weights_sha256"]:
+            problems.append(f"checkpoint {path}: backbone {loaded.backbone_name!r} differs from the manifest's")
+        if loaded.head_config.out_dim != manifest["dim"]:
+            problems.append(f"checkpoint {path}: head gives {loaded.head_config.out_dim}-d vectors, "
+                            f"the index holds {manifest['dim']}-d")
+    return problems
+
+
+def verify(root: Path, version: str | None = None, checkpoint: Path | None = None, k: int = RECALL_K,
+           min_recall: float = RECALL_TARGET, queries: int = 256) -> Report:
+    artifact = open_artifact(root, version)
+    report = Report(artifact.version)
+    report.problems += artifact.verify_files()
+    listed = set(artifact.manifest.get("files", {}))
+    for entry in artifact.manifest["categories"].values():
+        report.problems += [f"{entry[key]}: not recorded in the manifest" for key in
+                            ("index_file", "ids_file", "vectors_file") if entry[key] not in listed]
+    report.problems += check_checkpoint(artifact, checkpoint)
+    if report.problems:
+        return report  # recall on corrupt files means nothing
+    try:
+        indexes = artifact.load_indexes(verify_checksums=False)
+        products = artifact.products()
+    except ArtifactError as exc:
+        report.problems.append(str(exc))
+        return report
+    if len(products) != sum(artifact.categories.values()):
+        report.problems.append(f"products.json lists {len(products)} products, indexes hold "
+                               f"{sum(artifact.categories.values())}")
+    for category, index in indexes.items():
+        entry = artifact.manifest["categories"][category]
+        if entry["kind"] != "approximate":
+            continue
+        vectors = artifact.read_vectors(category)
+        depth = min(k, len(vectors) - 1)
+        # Other rows than the build tuned on (seed 1), each left out of its own results.
+        recall = leave_one_out_recall(index.index, vectors, tuning_rows(len(vectors), queries, seed=1), k)
+        report.recall[category] = recall
+        if recall < min_recall:
+            report.problems.append(f"{category}: recall@{depth} {recall:.3f} below {min_recall}")
+    return report
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m index verify", description=__doc__)
+    parser.add_argument("artifacts", type=Path, help="artifact root")
+    parser.add_argument("--version", default=None, help="version to check (default: current)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="head checkpoint that must match the index")
+    parser.add_argument("--k", type=int, default=RECALL_K)
+    parser.add_argument("--min-recall", type=float, default=RECALL_TARGET)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        report = verify(args.artifacts, args.version, args.checkpoint, args.k, args.min_recall)
+    except ArtifactError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for category, recall in sorted(report.recall.items()):
+        print(f"{category}: recall@{args.k} = {recall:.4f}")
+    if report.ok:
+        print(f"version {report.version}: OK")
+        return 0
+    for problem in report.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    print(f"version {report.version}: {len(report.problems)} problem(s)", file=sys.stderr)
+    return 1

@@ -1,0 +1,178 @@
+"""Writing one artifact version into a staging directory: per-category files first, manifest last."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from index.ann import (
+    DEFAULT_APPROXIMATE,
+    DEFAULT_EXACT_THRESHOLD,
+    Approximate,
+    IndexSpec,
+    build_index,
+    choose_spec,
+    tune_search_params,
+)
+from index.artifact import CHECKPOINT_FILE, FORMAT_VERSION, MANIFEST_FILE, POPULARITY_FILE, PRODUCTS_FILE
+from training.checkpoint import file_sha256
+from training.popularity import Popularity
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class CategoryData:
+    """One category's rows. `index`/`spec` are given when an incremental change already updated the index."""
+
+    category: str
+    ids: list[str]
+    vectors: np.ndarray
+    index: faiss.Index | None = None
+    spec: IndexSpec | None = None
+    tuned_recall: float | None = None
+    # (version dir, manifest entry) of an unchanged category: its files are linked, not rebuilt.
+    copy_from: tuple[Path, dict] | None = None
+
+
+def category_slug(category: str) -> str:
+    """A file-name-safe, collision-free name for a category path ("A|B C" -> "a-b-c-1f3a9d")."""
+    readable = re.sub(r"[^a-z0-9]+", "-", category.lower()).strip("-")[:60] or "category"
+    return f"{readable}-{hashlib.sha256(category.encode()).hexdigest()[:6]}"
+
+
+def new_version(salt: str) -> str:
+    """UTC timestamp (microseconds, so names sort by creation) + a short hash of what was built."""
+    now = datetime.now(UTC)
+    digest = hashlib.sha256(f"{salt}|{now.isoformat()}|{os.getpid()}".encode()).hexdigest()[:8]
+    return f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{digest}"
+
+
+def _fsync(path: Path) -> None:
+    # A published version must survive a power cut: data reaches the disk before the rename that publishes it.
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def write_json(path: Path, payload: object) -> None:
+    path.write_text(json.dumps(payload, indent=1, sort_keys=False), encoding="utf-8")
+    _fsync(path)
+
+
+def write_category(staging: Path, data: CategoryData, exact_threshold: int = DEFAULT_EXACT_THRESHOLD,
+                   approximate: Approximate = DEFAULT_APPROXIMATE, seed: int = 0, progress: bool = False) -> dict:
+    """Build (unless given) and write one category's index, ids and vectors; return its manifest entry."""
+    if data.copy_from is not None:
+        return _link_category(staging, *data.copy_from)
+    vectors = np.ascontiguousarray(data.vectors, dtype=np.float32)
+    if len(vectors) != len(data.ids) or len(vectors) == 0:
+        raise ValueError(f"category {data.category!r}: {len(vectors)} vectors for {len(data.ids)} ids")
+    if len(set(data.ids)) != len(data.ids):
+        raise ValueError(f"category {data.category!r}: duplicate product ids")
+    spec, index, recall = data.spec, data.index, data.tuned_recall
+    if index is None:
+        spec = spec or choose_spec(len(vectors), exact_threshold, approximate)
+        started = time.perf_counter()
+        index = build_index(vectors, spec, seed=seed, progress=progress)
+        params, recall = tune_search_params(index, vectors, spec, seed=seed)
+        spec = IndexSpec(spec.factory, spec.kind, params)
+        LOG.info("%s: %s over %d vectors in %.1f s", data.category, spec.factory, len(vectors),
+                 time.perf_counter() - started)
+    assert spec is not None
+    slug = category_slug(data.category)
+    files = {"index_file": f"{slug}.faiss", "ids_file": f"{slug}.ids.json", "vectors_file": f"{slug}.vectors.npy"}
+    faiss.write_index(index, str(staging / files["index_file"]))
+    _fsync(staging / files["index_file"])
+    write_json(staging / files["ids_file"], list(data.ids))
+    np.save(staging / files["vectors_file"], vectors)
+    _fsync(staging / files["vectors_file"])
+    return {
+        "slug": slug,
+        **files,
+        "count": len(vectors),
+        "kind": spec.kind,
+        "factory": spec.factory,
+        "search_params": dict(spec.search_params),
+        "tuning_recall_at_50": recall,
+    }
+
+
+def _link_category(staging: Path, source: Path, entry: dict) -> dict:
+    # Versions are immutable once published, so a hard link is a safe, instant copy; pruning the old
+    # version later only drops its name for the file.
+    for key in ("index_file", "ids_file", "vectors_file"):
+        try:
+            os.link(source / entry[key], staging / entry[key])
+        except OSError:  # another file system, or links not supported
+            shutil.copyfile(source / entry[key], staging / entry[key])
+    return dict(entry)
+
+
+def write_version(
+    staging: Path,
+    version: str,
+    categories: Sequence[CategoryData],
+    fingerprint: dict,
+    checkpoint: Path,
+    popularity: Popularity,
+    products: list[dict],
+    info: dict,
+    exact_threshold: int = DEFAULT_EXACT_THRESHOLD,
+    approximate: Approximate = DEFAULT_APPROXIMATE,
+    seed: int = 0,
+    progress: bool = False,
+    started: float | None = None,
+) -> dict:
+    """Fill `staging` with a complete version; the manifest, written last, records every file's sha256.
+
+    `started` (a time.perf_counter() value) is when the whole operation began, for `build_seconds`.
+    """
+    index_started = time.perf_counter()
+    started = index_started if started is None else started
+    staging.mkdir(parents=True, exist_ok=False)
+    shutil.copyfile(checkpoint, staging / CHECKPOINT_FILE)
+    _fsync(staging / CHECKPOINT_FILE)
+    entries: dict[str, dict] = {}
+    for data in tqdm(sorted(categories, key=lambda c: c.category), desc="index categories", unit="cat",
+                     disable=not progress):
+        entries[data.category] = write_category(staging, data, exact_threshold, approximate, seed, progress)
+    write_json(staging / PRODUCTS_FILE, products)
+    popularity.to_json(staging / POPULARITY_FILE)
+    _fsync(staging / POPULARITY_FILE)
+    files = {entry.name: file_sha256(entry) for entry in sorted(staging.iterdir()) if entry.is_file()}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "version": version,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "backbone": fingerprint["backbone"],
+        "backbone_weights_sha256": fingerprint["backbone_weights_sha256"],
+        "preprocess": fingerprint["preprocess"],
+        "head_sha256": fingerprint["head_sha256"],
+        "checkpoint_file": CHECKPOINT_FILE,
+        "dim": fingerprint["dim"],
+        "metric": fingerprint["metric"],
+        "embedder": fingerprint,
+        "exact_threshold": exact_threshold,
+        "approximate": approximate,
+        "product_count": sum(entry["count"] for entry in entries.values()),
+        "categories": entries,
+        **info,
+        "index_seconds": round(time.perf_counter() - index_started, 3),
+        "build_seconds": round(time.perf_counter() - started, 3),
+        "files": files,
+    }
+    write_json(staging / MANIFEST_FILE, manifest)
+    return manifest
