@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -45,13 +46,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cpu_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="stl-cpu")
         app.state.services = Services(settings=settings, metrics=metrics, holder=holder, batcher=batcher,
                                       cpu_pool=cpu_pool)
-        try:
-            # In a worker thread: loading takes seconds and the loop stays free (e.g. for /healthz).
-            await run_in_threadpool(initial_load, holder, settings)
+        def load() -> None:
+            initial_load(holder, settings)
             engine = holder.engine
             metrics.set_index(engine.version if engine else None, engine.status if engine else "unavailable")
+
+        loader: asyncio.Future | None = None
+        try:
+            # In a worker thread: loading takes seconds and the loop stays free, so /healthz answers and
+            # /readyz says 503 "loading" (orchestrators wait on it) instead of the port refusing connections.
+            loader = asyncio.ensure_future(run_in_threadpool(load))
+            if not settings.background_load:
+                await loader
             yield
         finally:
+            if loader is not None and not loader.done():
+                await loader  # a load thread cannot be cancelled; let it finish before tearing down
             batcher.close()
             cpu_pool.shutdown(wait=True, cancel_futures=True)
             LOG.info("service stopped")

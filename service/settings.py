@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(16, ge=1, le=1024)
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000)
     admin_token: SecretStr | None = None
+    background_load: bool = Field(
+        True, description="accept requests (readyz 503 'loading') while the model and indexes load at start-up"
+    )
     log_level: str = "INFO"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -94,7 +94,8 @@ def build_version(data: Path, checkpoint: Path, root: Path) -> str:
 
 def make_settings(artifacts: Path, **overrides) -> Settings:
     values = {"artifacts": artifacts, "device": "cpu", "batch_max_wait_ms": 1.0, "torch_threads": 0,
-              "admin_token": None, "checkpoint": None, "index_version": None}
+              "admin_token": None, "checkpoint": None, "index_version": None,
+              "background_load": False}
     return Settings(**{**values, **overrides})
 
 

@@ -1,0 +1,35 @@
+"""Start-up: the port answers while the model and indexes load; /readyz says 503 'loading' until done."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+import service.engine
+from service.app import create_app
+from tests.service.conftest import make_settings, post
+
+
+def test_readyz_is_503_loading_until_the_background_load_finishes(artifacts: Path, monkeypatch) -> None:
+    release = threading.Event()
+    real_load = service.engine.load_engine
+
+    def slow_load(*args, **kwargs):
+        release.wait(timeout=30)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(service.engine, "load_engine", slow_load)
+    with TestClient(create_app(make_settings(artifacts, background_load=True))) as client:
+        assert client.get("/healthz").status_code == 200
+        loading = client.get("/readyz")
+        assert loading.status_code == 503 and loading.json()["status"] == "loading"
+        assert post(client).status_code == 503
+        release.set()
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/readyz").json()["status"] == "ready"
+        assert post(client).status_code == 200
