@@ -1,0 +1,201 @@
+"""Cheap deployment checks (no engine): compose file, Dockerfiles, .dockerignore and the test harness's parsers."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.stack import (
+    COMPOSE_FILE,
+    HOST_NETWORK_OVERRIDE,
+    REPO_ROOT,
+    BaseContext,
+    Unavailable,
+    debian_mirror,
+    ensure_compose_cli,
+    pip_conf_for_image,
+)
+
+DOCKER_DIR = REPO_ROOT / "docker"
+
+
+@pytest.fixture(scope="module")
+def compose_cli() -> Path:
+    try:
+        return ensure_compose_cli()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+
+
+def compose_config(cli: Path, tmp_path: Path, *args: str, env: dict[str, str] | None = None,
+                   files: tuple[Path, ...] = (COMPOSE_FILE,)) -> subprocess.CompletedProcess[str]:
+    empty_env = tmp_path / "empty.env"
+    empty_env.write_text("")
+    file_args = [arg for path in files for arg in ("-f", str(path))]
+    return subprocess.run(
+        [str(cli), "--project-directory", str(REPO_ROOT), "--env-file", str(empty_env), *file_args, *args],
+        capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **(env or {})},
+    )
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "gpu"]], ids=["default", "gpu"])
+def test_compose_config_is_valid(compose_cli: Path, tmp_path: Path, profile: list[str]) -> None:
+    result = compose_config(compose_cli, tmp_path, *profile, "config", "-q")
+    assert result.returncode == 0, result.stderr
+
+
+def _services(cli: Path, tmp_path: Path, *args: str, **kwargs) -> dict:
+    result = compose_config(cli, tmp_path, *args, "config", "--format", "json", **kwargs)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["services"]
+
+
+def test_default_stack_is_indexer_then_read_only_api(compose_cli: Path, tmp_path: Path) -> None:
+    services = _services(compose_cli, tmp_path)
+    assert set(services) == {"indexer", "api"}
+    indexer, api = services["indexer"], services["api"]
+    assert api["depends_on"]["indexer"]["condition"] == "service_completed_successfully"
+    assert indexer["init"] is True and api["init"] is True
+    assert indexer["command"][:4] == ["python", "-m", "index", "pipeline"]
+    assert api["command"][:3] == ["python", "-m", "service"]
+    mounts = {m["target"]: m for m in api["volumes"]}
+    assert mounts["/artifacts"]["source"] == "artifacts" and mounts["/artifacts"]["read_only"] is True
+    assert {m["target"]: m["source"] for m in indexer["volumes"]}["/artifacts"] == "artifacts"
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
+    assert indexer["healthcheck"]["disable"] is True
+    assert int(indexer["shm_size"]) >= 512 * 1024**2  # DataLoader workers share batches through /dev/shm
+    assert api["environment"]["STL_ARTIFACTS"] == "/artifacts"
+    assert api["environment"]["STL_ADMIN_TOKEN"] == ""  # no secret unless the environment gives one
+    assert [p["target"] for p in api["ports"]] == [8000]
+
+
+def test_settings_come_from_the_environment(compose_cli: Path, tmp_path: Path) -> None:
+    env = {"STL_ADMIN_TOKEN": "s3cret", "STL_DEMO_SCENES": "40", "STL_DEMO_PRODUCTS": "30", "STL_PORT": "9123",
+           "STL_DEVICE": "cpu"}
+    services = _services(compose_cli, tmp_path, env=env)
+    api, indexer = services["api"], services["indexer"]
+    assert api["environment"]["STL_ADMIN_TOKEN"] == "s3cret"
+    assert api["environment"]["STL_PORT"] == "9123" and api["command"][-1] == "9123"
+    command = indexer["command"]
+    assert command[command.index("--scenes") + 1] == "40"
+    assert command[command.index("--products") + 1] == "30"
+    assert command[command.index("--device") + 1] == "cpu"
+
+
+def test_gpu_profile_reserves_an_nvidia_device(compose_cli: Path, tmp_path: Path) -> None:
+    services = _services(compose_cli, tmp_path, "--profile", "gpu")
+    assert {"indexer-gpu", "api-gpu"} <= set(services)
+    for name in ("indexer-gpu", "api-gpu"):
+        service = services[name]
+        assert service["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert services["api-gpu"]["depends_on"]["indexer-gpu"]["condition"] == "service_completed_successfully"
+    # Own volumes: a `--profile gpu up` of everything must not race the CPU indexer.
+    gpu_sources = {m["source"] for m in services["indexer-gpu"]["volumes"]}
+    cpu_sources = {m["source"] for m in services["indexer"]["volumes"]}
+    assert not gpu_sources & cpu_sources
+
+
+def test_host_network_override_drops_published_ports(compose_cli: Path, tmp_path: Path) -> None:
+    services = _services(compose_cli, tmp_path, env={"STL_PORT": "9124"},
+                         files=(COMPOSE_FILE, HOST_NETWORK_OVERRIDE))
+    for name in ("indexer", "api"):
+        assert services[name]["network_mode"] == "host"
+    assert not services["api"].get("ports")
+    assert services["api"]["command"][-3:] == ["127.0.0.1", "--port", "9124"]
+
+
+def dockerfile_instructions(text: str) -> list[str]:
+    """One string per instruction: comments dropped, backslash continuation lines joined."""
+    instructions: list[str] = []
+    pending = ""
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        pending += line.strip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+        else:
+            instructions.append(pending)
+            pending = ""
+    return instructions
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+def test_dockerfiles_build_with_the_classic_builder(name: str) -> None:
+    text = (DOCKER_DIR / name).read_text()
+    instructions = dockerfile_instructions(text)
+    assert not re.search(r"^\s*#\s*syntax=", text, re.MULTILINE)
+    # BuildKit-only: cache/secret mounts, heredocs.
+    assert not [line for line in instructions if "--mount" in line or "<<" in line]
+    assert instructions[0].startswith("ARG BASE_IMAGE=") and instructions[1] == "FROM ${BASE_IMAGE}"
+    assert any(line.startswith("USER ") and line != "USER root" for line in instructions)
+    assert "/readyz" in text and "HEALTHCHECK" in text
+    # Dependencies are installed from pyproject.toml before the source is copied, so edits keep the cache.
+    install_deps = next(i for i, line in enumerate(instructions) if "pip install -r requirements.txt" in line)
+    copy_source = next(i for i, line in enumerate(instructions) if line.startswith("COPY training"))
+    assert install_deps < copy_source
+    assert "ADMIN_TOKEN" not in text
+
+
+def test_gpu_image_installs_the_gpu_extra_only() -> None:
+    gpu, cpu = (DOCKER_DIR / "Dockerfile.gpu").read_text(), (DOCKER_DIR / "Dockerfile").read_text()
+    assert "ARG PIP_EXTRAS=gpu" in gpu and "ARG PIP_EXTRAS=cpu" in cpu
+    assert "ARG BASE_IMAGE=nvidia/cuda:" in gpu
+
+
+@pytest.mark.parametrize(("extra", "wanted", "unwanted"), [("cpu", "faiss-cpu", "faiss-gpu"),
+                                                          ("gpu", "faiss-gpu", "faiss-cpu")])
+def test_pyproject_requirements_per_extra(extra: str, wanted: str, unwanted: str) -> None:
+    result = subprocess.run([sys.executable, str(DOCKER_DIR / "pyproject_requirements.py"),
+                             str(REPO_ROOT / "pyproject.toml"), extra], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    names = [re.split(r"[<>=!~\[ ;]", line, maxsplit=1)[0] for line in result.stdout.splitlines()]
+    assert "torch" in names and wanted in names and unwanted not in names
+
+
+def test_pyproject_requirements_rejects_an_unknown_extra() -> None:
+    result = subprocess.run([sys.executable, str(DOCKER_DIR / "pyproject_requirements.py"),
+                             str(REPO_ROOT / "pyproject.toml"), "cpu,nope"], capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and "nope" in result.stderr
+
+
+def test_dockerignore_keeps_data_and_environments_out() -> None:
+    patterns = {line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    assert {".git", ".venv", "data", "artifacts", "runs", "benchmarks/results", ".env"} <= patterns
+    assert not {"training", "index", "service", "pyproject.toml", "docker"} & patterns
+
+
+def test_debian_mirror_from_deb822_and_one_line_sources(tmp_path: Path) -> None:
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n\n"
+        "Types: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm bookworm-updates\nComponents: main\n")
+    assert debian_mirror(tmp_path) == "http://mirror.example/debian"
+    (tmp_path / "sources.list").write_text("# comment\ndeb [arch=amd64] http://one.example/debian bookworm main\n")
+    assert debian_mirror(tmp_path) == "http://one.example/debian"
+    assert debian_mirror(tmp_path / "missing") == "http://deb.debian.org/debian"
+
+
+def test_pip_conf_keeps_only_what_an_image_can_reach() -> None:
+    text = pip_conf_for_image({"extra-index-url": "file:///opt/pypi/simple https://mirror.example/simple",
+                               "index-url": "file:///nowhere", "default-timeout": "180"})
+    assert "file://" not in text
+    assert "extra-index-url = https://mirror.example/simple" in text
+    assert "index-url = file" not in text and "timeout = 180" in text
+    assert "cert = /etc/ssl/certs/ca-certificates.crt" in text
+
+
+def test_base_image_digest_follows_its_inputs() -> None:
+    first = BaseContext("http://a/debian", "", "[global]\n", {"x.crt": b"one"})
+    assert first.digest() == BaseContext("http://a/debian", "", "[global]\n", {"x.crt": b"one"}).digest()
+    assert first.digest() != BaseContext("http://a/debian", "", "[global]\n", {"x.crt": b"two"}).digest()
+    assert first.digest() != BaseContext("http://b/debian", "", "[global]\n", {"x.crt": b"one"}).digest()
