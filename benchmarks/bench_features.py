@@ -1,0 +1,166 @@
+"""Feature-extraction throughput: the cached pipeline (decode + crop + resize in workers, backbone, memmap
+writes) against the bare backbone forward on pre-decoded tensors, same images and batch size, same run.
+
+    python benchmarks/bench_features.py                       # 512 generated 256x320 JPEGs
+    python benchmarks/bench_features.py --data DIR --workers 0 1 2 --threads 2
+
+Writes benchmarks/results/features.json. A ratio near 1 means decoding is hidden behind the forward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from training.backbones import available, load_backbone
+from training.embedder import Embedder, load_crop
+from training.features import cache_features
+from training.stl import CategoryMap, Pair, STLDataset, product_path, scene_path, write_pairs
+
+LOG = logging.getLogger(__name__)
+DEFAULT_OUT = Path(__file__).parent / "results" / "features.json"
+
+
+def _photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Smooth colour fields plus grain: decodes like a photo, unlike pure noise (which is far slower)."""
+    coarse = rng.integers(0, 256, (max(2, height // 32), max(2, width // 32), 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+    grain = rng.integers(-12, 13, smooth.shape, dtype=np.int16)
+    return Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8))
+
+
+def make_dataset(root: Path, images: int, width: int, height: int, seed: int = 0) -> STLDataset:
+    """Half scenes (one pair each, random bbox), half products, as JPEG quality 90."""
+    rng = np.random.default_rng(seed)
+    scenes, products = images // 2, images - images // 2
+    pairs, categories = [], {}
+    for number in range(products):
+        product_id = f"p{number:05d}"
+        path = product_path(root, product_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _photo_like(rng, width, height).save(path, quality=90)
+        categories[product_id] = f"Fashion|Category{number % 8}"
+    for number in range(scenes):
+        scene_id = f"s{number:05d}"
+        path = scene_path(root, scene_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _photo_like(rng, width, height).save(path, quality=90)
+        left, top = rng.uniform(0.0, 0.5, 2)
+        right, bottom = left + rng.uniform(0.3, 0.5), top + rng.uniform(0.3, 0.5)
+        pairs.append(Pair(scene_id, f"p{number % products:05d}", (left, top, right, bottom)))
+    CategoryMap(categories).write(root / "categories.json")
+    write_pairs(root / "pairs.jsonl", pairs)
+    return STLDataset.open(root)
+
+
+def bare_forward(embedder: Embedder, dataset: STLDataset, batch_size: int) -> tuple[float, int]:
+    """Images/s of the backbone alone on tensors decoded beforehand (the ceiling for the pipeline)."""
+    preprocess = embedder.preprocess
+    tensors = [load_crop(dataset.scene_path(p.scene_id), p.bbox, preprocess) for p in dataset.pairs]
+    tensors += [load_crop(dataset.product_path(pid), None, preprocess) for pid in dataset.catalogue()]
+    batches = [torch.stack(tensors[i : i + batch_size]) for i in range(0, len(tensors), batch_size)]
+    start = time.perf_counter()
+    for batch in batches:
+        embedder.backbone_features(batch)
+    return len(tensors) / (time.perf_counter() - start), len(tensors)
+
+
+def pipeline(embedder: Embedder, dataset: STLDataset, batch_size: int, workers: int) -> tuple[float, int]:
+    """Images/s of cache_features into a fresh cache (worker start-up and memmap writes included)."""
+    with tempfile.TemporaryDirectory(prefix="bench-features-cache-") as cache:
+        start = time.perf_counter()
+        cached = cache_features(dataset, embedder, Path(cache), batch_size=batch_size, workers=workers,
+                                progress=False)
+        seconds = time.perf_counter() - start
+    return cached.computed / seconds, cached.computed
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=None, help="STL dataset dir (default: generate one)")
+    parser.add_argument("--images", type=int, default=512, help="generated images (half scenes, half products)")
+    parser.add_argument("--image-size", default="256x320", help="generated images' WIDTHxHEIGHT")
+    parser.add_argument("--backbone", default="efficientnet_lite0", choices=available())
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="worker counts to try")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--jpeg-draft", action="store_true")
+    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved measurement rounds")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    width, height = (int(value) for value in args.image_size.lower().split("x"))
+    with tempfile.TemporaryDirectory(prefix="bench-features-data-") as scratch:
+        dataset = (STLDataset.open(args.data) if args.data is not None
+                   else make_dataset(Path(scratch), args.images, width, height))
+        embedder = Embedder(load_backbone(args.backbone), device=args.device, context=0.1,
+                            channels_last=not args.no_channels_last, jpeg_draft=args.jpeg_draft)
+        warm = torch.stack([embedder.transform(Image.new("RGB", (64, 64)))] * args.batch_size)
+        embedder.backbone_features(warm)  # first call pays one-off oneDNN set-up; measure neither with it
+
+        # Interleaved (bare, pipeline per worker count) rounds, each ratio against its own round's bare
+        # number: on a shared machine the load drifts between measurements minutes apart.
+        bares: list[float] = []
+        rounds: dict[int, list[float]] = {workers: [] for workers in args.workers}
+        for _ in range(args.repeats):
+            # Bare forward measured before and after the pipelines (mean of both), so a load trend
+            # during the round does not favour whichever side runs first.
+            before, images = bare_forward(embedder, dataset, args.batch_size)
+            rates = {workers: pipeline(embedder, dataset, args.batch_size, workers)[0] for workers in args.workers}
+            after, _ = bare_forward(embedder, dataset, args.batch_size)
+            bare = (before + after) / 2
+            bares.append(bare)
+            for workers, rate in rates.items():
+                rounds[workers].append(rate)
+                print(f"workers={workers}: pipeline {rate:.1f} img/s, bare forward {bare:.1f} img/s "
+                      f"(before {before:.1f}, after {after:.1f}), ratio {rate / bare:.3f}")
+    ratios = {workers: float(np.median(np.asarray(rates) / np.asarray(bares))) for workers, rates in rounds.items()}
+    runs = {workers: float(np.median(rates)) for workers, rates in rounds.items()}
+    bare = float(np.median(bares))
+    best_workers = max(ratios, key=ratios.get)
+    result = {
+        "backbone": args.backbone,
+        "images": images,
+        "image_size": None if args.data is not None else [width, height],
+        "data": str(args.data) if args.data is not None else "generated",
+        "batch_size": args.batch_size,
+        "torch_threads": torch.get_num_threads(),
+        "channels_last": not args.no_channels_last,
+        "jpeg_draft": args.jpeg_draft,
+        "device": str(embedder.device),
+        "machine": {"cpus": os.cpu_count(),
+                    "platform": platform.platform(), "torch": torch.__version__},
+        "repeats": args.repeats,
+        "bare_forward_images_per_s": round(bare, 2),  # medians over the rounds
+        "pipeline_images_per_s": {str(workers): round(rate, 2) for workers, rate in runs.items()},
+        "ratio_by_workers": {str(workers): round(ratio, 3) for workers, ratio in ratios.items()},
+        "best_workers": best_workers,
+        "pipeline_best_images_per_s": round(runs[best_workers], 2),
+        "ratio": round(ratios[best_workers], 3),  # median of per-round pipeline / bare
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
