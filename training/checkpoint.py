@@ -54,7 +54,18 @@ class Checkpoint:
                 f"(weights {backbone.weights_sha256[:12]}); use the backbone it was trained with"
             )
         if backbone.dim != self.head_config.in_dim:
-            raise CheckpointMismatch(f"head expects {self.head_config.in_dim}-d features, backbone gives {backbone.dim}")
+            raise CheckpointMismatch(
+                f"head expects {self.head_config.in_dim}-d features, backbone gives {backbone.dim}"
+            )
+        # The context margin may differ per checkpoint, but size and normalisation are the backbone's own:
+        # a difference means the head was trained on differently preprocessed images.
+        trained = (self.preprocess.image_size, tuple(self.preprocess.mean), tuple(self.preprocess.std))
+        current = (backbone.image_size, tuple(backbone.mean), tuple(backbone.std))
+        if trained != current:
+            raise CheckpointMismatch(
+                f"checkpoint was trained with preprocessing (size, mean, std) {trained}, "
+                f"but backbone {backbone.name!r} uses {current}"
+            )
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> str:
@@ -93,14 +104,26 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointMismatch(f"{path} is not a readable head checkpoint: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointMismatch(f"{path} is not a head checkpoint of format {FORMAT_VERSION}")
-    return Checkpoint(
-        head_config=HeadConfig(**payload["head_config"]),
-        state_dict=payload["state_dict"],
-        backbone_name=payload["backbone"]["name"],
-        backbone_weights_sha256=payload["backbone"]["weights_sha256"],
-        preprocess=Preprocess.from_dict(payload["preprocess"]),
-        train_config=payload.get("train_config", {}),
-        data_fingerprint=payload.get("data_fingerprint", ""),
-        metrics=payload.get("metrics", {}),
-        sha256=file_sha256(path),
-    )
+    try:
+        return Checkpoint(
+            head_config=HeadConfig(**payload["head_config"]),
+            state_dict=payload["state_dict"],
+            backbone_name=payload["backbone"]["name"],
+            backbone_weights_sha256=payload["backbone"]["weights_sha256"],
+            preprocess=Preprocess.from_dict(payload["preprocess"]),
+            train_config=payload.get("train_config", {}),
+            data_fingerprint=payload.get("data_fingerprint", ""),
+            metrics=payload.get("metrics", {}),
+            sha256=file_sha256(path),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointMismatch(f"{path} is an incomplete head checkpoint: {exc!r}") from exc
+
+
+def data_fingerprint(pairs_file: str | Path, categories_file: str | Path) -> str:
+    """sha256 over the pair file and the category file: which data a head was trained on."""
+    digest = hashlib.sha256()
+    for path in (pairs_file, categories_file):
+        digest.update(Path(path).name.encode())
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()

@@ -50,4 +50,6 @@ class CompatibilityHead(nn.Module):
         self.product = make() if config.separate else self.scene
 
     def forward(self, features: torch.Tensor, kind: Kind) -> torch.Tensor:
+        if kind not in ("scene", "product"):
+            raise ValueError(f"kind must be 'scene' or 'product', got {kind!r}")
         return (self.scene if kind == "scene" else self.product)(features)
