@@ -6,7 +6,7 @@ EXTRAS ?= cpu,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo bench clean
 
 DEMO_ARGS ?=
 
@@ -28,6 +28,14 @@ test: install
 
 demo: install
 	$(PY) scripts/demo.py $(DEMO_ARGS)
+
+# Each benchmark prints its figures and writes JSON to benchmarks/results/ (minutes on 2 CPU cores).
+bench: install
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_features.py
+	$(PY) benchmarks/bench_index.py
+	$(PY) benchmarks/bench_quality.py
+	$(PY) benchmarks/bench_service.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-import logging
 import sys
+
+from training.cli import dispatch
 
 COMMANDS = {
     "build": ("index.build", "embed the catalogue and publish a new per-category index version"),
@@ -16,15 +16,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
-        print("usage: python -m index <command> [options]\n\ncommands:")
-        for name, (_, help_text) in COMMANDS.items():
-            print(f"  {name:<9} {help_text}")
-        return 0 if not argv or argv[0] in {"-h", "--help"} else 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return int(module.main(argv[1:]) or 0)
+    return dispatch("python -m index", COMMANDS, argv)
 
 
 if __name__ == "__main__":

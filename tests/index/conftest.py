@@ -7,14 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 from index.build import build
-from training.backbones import load_backbone
-from training.checkpoint import Checkpoint, save_checkpoint
-from training.embedder import Preprocess
-from training.head import CompatibilityHead, HeadConfig
+from tests.fixtures import make_tiny_checkpoint
 
 CATEGORIES = {
     "Apparel & Accessories|Shoes": 9,
@@ -53,21 +49,7 @@ def make_dataset(root: Path, categories: dict[str, int] = CATEGORIES, scenes: in
     return root
 
 
-def make_checkpoint(path: Path, seed: int = 0) -> Path:
-    backbone = load_backbone("tiny")
-    torch.manual_seed(seed)
-    head = CompatibilityHead(HeadConfig(in_dim=backbone.dim, hidden_dim=32, out_dim=16))
-    head.eval()
-    checkpoint = Checkpoint(
-        head_config=head.config,
-        state_dict=head.state_dict(),
-        backbone_name=backbone.name,
-        backbone_weights_sha256=backbone.weights_sha256,
-        preprocess=Preprocess(backbone.image_size, backbone.mean, backbone.std, 0.1),
-        train_config={"split_seed": 0},
-    )
-    save_checkpoint(path, checkpoint)
-    return path
+make_checkpoint = make_tiny_checkpoint
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
@@ -18,10 +17,7 @@ from index.artifact import current_version
 from index.build import build
 from service.app import create_app
 from service.settings import Settings
-from training.backbones import load_backbone
-from training.checkpoint import Checkpoint, save_checkpoint
-from training.embedder import Preprocess
-from training.head import CompatibilityHead, HeadConfig
+from tests.fixtures import make_tiny_checkpoint
 
 SHOES = "Apparel & Accessories|Shoes"
 BAGS = "Apparel & Accessories|Handbags"
@@ -72,20 +68,7 @@ def make_dataset(root: Path, seed: int = 0) -> Path:
     return root
 
 
-def make_checkpoint(path: Path, seed: int = 0) -> Path:
-    backbone = load_backbone("tiny")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = CompatibilityHead(HeadConfig(in_dim=backbone.dim, hidden_dim=32, out_dim=16)).eval()
-    save_checkpoint(path, Checkpoint(
-        head_config=head.config,
-        state_dict=head.state_dict(),
-        backbone_name=backbone.name,
-        backbone_weights_sha256=backbone.weights_sha256,
-        preprocess=Preprocess(backbone.image_size, backbone.mean, backbone.std, 0.1),
-        train_config={"split_seed": 0},
-    ))
-    return path
+make_checkpoint = make_tiny_checkpoint
 
 
 def build_version(data: Path, checkpoint: Path, root: Path) -> str:

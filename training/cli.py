@@ -1,0 +1,23 @@
+"""Subcommand dispatch for `python -m training` and `python -m index`: each command is a module with
+`main(argv)`, imported only when run, so `--help` and light commands never load torch or faiss."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+
+def dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in commands:
+        print(f"usage: {prog} <command> [options]\n\ncommands:")
+        width = max(map(len, commands)) + 1
+        for name, (_, help_text) in commands.items():
+            print(f"  {name:<{width}} {help_text}")
+        return 0 if not argv or argv[0] in {"-h", "--help"} else 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # faiss announces each SIMD library it tries at INFO; that is noise in a CLI's output.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    module = importlib.import_module(commands[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
