@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from training.atomic import atomic_path
 from training.backbones import Backbone
 from training.embedder import Preprocess
 from training.head import CompatibilityHead, HeadConfig
@@ -82,14 +81,8 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> str:
         "data_fingerprint": checkpoint.data_fingerprint,
         "metrics": checkpoint.metrics,
     }
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    try:
+    with atomic_path(path) as temp:
         torch.save(payload, temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
     return file_sha256(path)
 
 

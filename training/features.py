@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from training.atomic import write_text_atomic
 from training.backbones import BackboneUnavailable, available, load_backbone
 from training.embedder import Embedder, Preprocess, load_crop
 from training.stl import BBox, Pair, STLDataset, STLFormatError
@@ -89,19 +89,6 @@ def _fingerprint(embedder: Embedder) -> dict:
         "dim": embedder.backbone.dim,
         "dtype": np.dtype(DTYPE).name,
     }
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
 
 
 @contextlib.contextmanager
@@ -304,7 +291,7 @@ class _SegmentWriter:
 def _check_manifest(directory: Path, fingerprint: dict) -> None:
     path = directory / MANIFEST_FILE
     if not path.is_file():
-        _write_atomic(path, json.dumps({**fingerprint, "counts": {}}, indent=2, sort_keys=True))
+        write_text_atomic(path, json.dumps({**fingerprint, "counts": {}}, indent=2, sort_keys=True))
         return
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -319,7 +306,8 @@ def _check_manifest(directory: Path, fingerprint: dict) -> None:
 
 
 def _update_counts(directory: Path, fingerprint: dict, counts: dict[str, int]) -> None:
-    _write_atomic(directory / MANIFEST_FILE, json.dumps({**fingerprint, "counts": counts}, indent=2, sort_keys=True))
+    manifest = json.dumps({**fingerprint, "counts": counts}, indent=2, sort_keys=True)
+    write_text_atomic(directory / MANIFEST_FILE, manifest)
 
 
 def _cleanup_orphans(directory: Path) -> None:
@@ -347,7 +335,7 @@ def _merge_segments(directory: Path, kind: FeatureKind, dim: int) -> None:
         array[start : start + 65536] = table.gather(keys[start : start + 65536], dim, {}, directory)
     array.flush()
     del array, table
-    _write_atomic(merged.with_suffix(".keys"), "".join(f"{key}\n" for key in keys))
+    write_text_atomic(merged.with_suffix(".keys"), "".join(f"{key}\n" for key in keys))
     for path in segments:
         path.with_suffix(".keys").unlink(missing_ok=True)  # keys first: a segment without keys is an orphan
         path.unlink(missing_ok=True)

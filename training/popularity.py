@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from training.atomic import write_text_atomic
 from training.stl import CategoryMap, Pair
 
 LOG = logging.getLogger(__name__)
@@ -73,14 +72,7 @@ class Popularity:
             "counts": dict(sorted(self._counts.items())),
             "categories": dict(sorted(self.category_map.product_to_path.items())),
         }
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                json.dump(payload, out)
-            os.replace(temp, path)
-        finally:
-            if os.path.exists(temp):
-                os.unlink(temp)
+        write_text_atomic(path, json.dumps(payload))
 
     @classmethod
     def from_json(cls, path: str | Path) -> Popularity:
