@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
+import faiss
 import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -43,7 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         holder = EngineHolder(settings.artifacts)
         batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_ms / 1000.0,
                           on_batch=metrics.batch_size.observe)
-        cpu_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="stl-cpu")
+        cpu_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="stl-cpu",
+                                      initializer=_limit_faiss_threads, initargs=(settings.faiss_threads,))
         app.state.services = Services(settings=settings, metrics=metrics, holder=holder, batcher=batcher,
                                       cpu_pool=cpu_pool)
         def load() -> None:
@@ -74,6 +76,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(BadInput, _bad_input)
     app.add_exception_handler(Exception, _unexpected)
     return app
+
+
+def _limit_faiss_threads(threads: int) -> None:
+    # OpenMP thread counts are per calling thread, and faiss shares torch's OpenMP runtime. A search is one
+    # vector: parallelism comes from concurrent requests, and every pool thread that searched with its own
+    # OpenMP team would leave that team spinning on the cores the batcher's forward pass needs.
+    if threads > 0:
+        faiss.omp_set_num_threads(threads)
 
 
 async def _bad_input(request: Request, exc: Exception) -> JSONResponse:

@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     backbone_weights: Path | None = Field(None, description="backbone weights file (e.g. ResNet-50 offline)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
+    faiss_threads: int = Field(1, ge=0, description="faiss OpenMP threads per search; 0 keeps faiss's default")
     preprocess_threads: int = Field(0, ge=0, le=64, description="decode/crop/search threads; 0 = CPU count")
     max_upload_mb: float = Field(10.0, gt=0, le=1024)
     max_image_pixels: int = Field(40_000_000, ge=64 * 64)
