@@ -239,3 +239,12 @@ def test_jpeg_draft_decodes_big_photos_smaller_but_keeps_the_crop(tiny, tmp_path
     close = load_crop(path, (0.1, 0.1, 0.6, 0.6), draft.preprocess)
     exact = load_crop(path, (0.1, 0.1, 0.6, 0.6), full.preprocess)
     assert (close - exact).abs().mean() < 0.05
+
+
+def test_cpu_freeze_matches_the_eager_backbone() -> None:
+    frozen = Embedder(load_backbone("tiny"), device="cpu", freeze=True)
+    eager = Embedder(load_backbone("tiny"), device="cpu", freeze=False)
+    assert isinstance(frozen.model, torch.jit.ScriptModule)
+    assert not isinstance(eager.model, torch.jit.ScriptModule)
+    images = [Image.new("RGB", (80, 60), (200, 40, 90)), Image.new("RGB", (50, 70), (10, 160, 220))]
+    np.testing.assert_allclose(frozen.embed(images, None, "product"), eager.embed(images, None, "product"), atol=1e-5)
