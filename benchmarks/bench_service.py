@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from index.publish import publish, staging_dir
 from index.writer import CategoryData, new_version, write_version
+from service.settings import Settings
 from training.backbones import load_backbone
 from training.checkpoint import Checkpoint, save_checkpoint
 from training.embedder import Embedder, Preprocess
@@ -220,7 +221,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level (c=1: a tenth)")
     parser.add_argument("--seconds", type=float, default=90.0, help="time limit per concurrency level")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
-    parser.add_argument("--batch-max-size", type=int, default=16)
+    parser.add_argument("--batch-max-size", type=int, default=Settings.model_fields["batch_max_size"].default,
+                        help="STL_BATCH_MAX_SIZE (default: the service's default)")
     parser.add_argument("--batch-max-wait-ms", type=float, default=2.0)
     parser.add_argument("--work", type=Path, default=None, help="keep the artifact here (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS)

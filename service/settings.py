@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     preprocess_threads: int = Field(0, ge=0, le=64, description="decode/crop/search threads; 0 = CPU count")
     max_upload_mb: float = Field(10.0, gt=0, le=1024)
     max_image_pixels: int = Field(40_000_000, ge=64 * 64)
-    batch_max_size: int = Field(16, ge=1, le=1024)
+    batch_max_size: int = Field(4, ge=1, le=1024)
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000)
     admin_token: SecretStr | None = None
     background_load: bool = Field(
