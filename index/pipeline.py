@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"[1/3] dataset: generating the synthetic catalogue in {args.data}")
         synth_args = ["--out", str(args.data), "--seed", str(args.seed)]
-        synth_args += ["--scenes", str(args.scenes)] if args.scenes else []
-        synth_args += ["--products", str(args.products)] if args.products else []
+        synth_args += ["--scenes", str(args.scenes)] if args.scenes is not None else []
+        synth_args += ["--products", str(args.products)] if args.products is not None else []
         if synth.main(synth_args):
             return 1
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[2/3] model: training the head into {model_dir}")
         train_args = ["--data", str(args.data), "--out", str(model_dir), "--cache", str(args.work / "cache"),
                       "--backbone", args.backbone, "--device", args.device, "--seed", str(args.seed)]
-        train_args += ["--epochs", str(args.epochs)] if args.epochs else []
+        train_args += ["--epochs", str(args.epochs)] if args.epochs is not None else []
         if train.main(train_args) or not head.is_file():
             return 1
 
