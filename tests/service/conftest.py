@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from index.artifact import current_version
 from index.build import build
 from service.app import create_app
 from service.settings import Settings
-from tests.fixtures import make_tiny_checkpoint
+from tests.fixtures import make_tiny_checkpoint, random_picture, write_tiny_dataset
 
 SHOES = "Apparel & Accessories|Shoes"
 BAGS = "Apparel & Accessories|Handbags"
@@ -25,14 +24,7 @@ PANTS = "Apparel & Accessories|Clothing|Pants"
 CATEGORIES = {SHOES: 9, BAGS: 6, PANTS: 5}
 
 
-def draw(rng: np.random.Generator, size: int = 48) -> Image.Image:
-    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 256, 3)))
-    pen = ImageDraw.Draw(image)
-    for _ in range(3):
-        x0, y0 = (int(v) for v in rng.integers(0, size // 2, 2))
-        x1, y1 = x0 + int(rng.integers(8, size // 2)), y0 + int(rng.integers(8, size // 2))
-        pen.rectangle([x0, y0, x1, y1], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-    return image
+draw = random_picture
 
 
 def encode(image: Image.Image, image_format: str = "JPEG", **options) -> bytes:
@@ -46,26 +38,7 @@ def scene_jpeg(seed: int = 7, size: int = 96) -> bytes:
 
 
 def make_dataset(root: Path, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    product_categories: dict[str, str] = {}
-    for c, (category, count) in enumerate(CATEGORIES.items()):
-        for i in range(count):
-            pid = f"p{c}x{i:03d}"
-            product_categories[pid] = category
-            path = root / "images" / "products" / f"{pid}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            draw(rng).save(path, "JPEG", quality=90)
-    product_ids = sorted(product_categories)
-    with (root / "pairs.jsonl").open("w") as pairs:
-        for s in range(24):
-            sid = f"s{s:03d}"
-            path = root / "images" / "scenes" / f"{sid}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            draw(rng, 64).save(path, "JPEG", quality=90)
-            for pid in rng.choice(product_ids, size=3, replace=False):
-                pairs.write(json.dumps({"scene": sid, "product": str(pid), "bbox": [0.1, 0.1, 0.6, 0.7]}) + "\n")
-    (root / "categories.json").write_text(json.dumps(product_categories))
-    return root
+    return write_tiny_dataset(root, CATEGORIES, scenes=24, items_per_scene=3, seed=seed)
 
 
 make_checkpoint = make_tiny_checkpoint
