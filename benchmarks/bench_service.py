@@ -40,22 +40,12 @@ from training.embedder import Embedder, Preprocess
 from training.head import CompatibilityHead, HeadConfig
 from training.popularity import Popularity
 from training.stl import CategoryMap
+from training.synth import FALLBACK_CATEGORIES
 
 LOG = logging.getLogger(__name__)
 RESULTS = Path(__file__).parent / "results" / "service.json"
 # The real STL fashion catalogue (../shared/stl/fashion-cat.json): 38,111 products in these categories.
-STL_CATEGORY_MIX = {
-    "Apparel & Accessories|Shoes": 11780,
-    "Apparel & Accessories|Clothing|Shirts & Tops": 7506,
-    "Apparel & Accessories|Clothing|Pants": 6553,
-    "Apparel & Accessories|Handbags, Wallets & Cases": 3255,
-    "Apparel & Accessories|Clothing|Outerwear|Coats & Jackets": 2485,
-    "Apparel & Accessories|Clothing Accessories|Sunglasses": 1772,
-    "Apparel & Accessories|Clothing|Shorts": 1533,
-    "Apparel & Accessories|Clothing|Skirts": 1392,
-    "Apparel & Accessories|Jewelry|Earrings": 926,
-    "Apparel & Accessories|Jewelry|Necklaces": 909,
-}
+STL_CATEGORY_MIX = dict(FALLBACK_CATEGORIES)
 CONCURRENCY = (1, 8, 32)
 BBOXES = ("0.30,0.55,0.60,0.95", "0.10,0.10,0.70,0.60", "0.40,0.20,0.90,0.80", "0.05,0.40,0.45,0.95")
 
