@@ -8,10 +8,8 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-import faiss
 import torch
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from service.batching import Batcher
@@ -22,6 +20,7 @@ from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestMetrics
 from service.routes import router
 from service.settings import Settings, get_settings
+from service.threads import run_in_own_thread
 
 LOG = logging.getLogger(__name__)
 
@@ -44,8 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         holder = EngineHolder(settings.artifacts)
         batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_ms / 1000.0,
                           on_batch=metrics.batch_size.observe)
-        cpu_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="stl-cpu",
-                                      initializer=_limit_faiss_threads, initargs=(settings.faiss_threads,))
+        cpu_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="stl-cpu")
         app.state.services = Services(settings=settings, metrics=metrics, holder=holder, batcher=batcher,
                                       cpu_pool=cpu_pool)
         def load() -> None:
@@ -55,9 +53,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         loader: asyncio.Future | None = None
         try:
-            # In a worker thread: loading takes seconds and the loop stays free, so /healthz answers and
-            # /readyz says 503 "loading" (orchestrators wait on it) instead of the port refusing connections.
-            loader = asyncio.ensure_future(run_in_threadpool(load))
+            # In a thread of its own: loading takes seconds and the loop stays free, so /healthz answers and
+            # /readyz says 503 "loading" (orchestrators wait on it) instead of the port refusing connections;
+            # and the thread ends afterwards, taking its OpenMP team with it (see service/threads.py).
+            loader = asyncio.ensure_future(run_in_own_thread(load, "stl-load"))
             if not settings.background_load:
                 await loader
             yield
@@ -76,14 +75,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(BadInput, _bad_input)
     app.add_exception_handler(Exception, _unexpected)
     return app
-
-
-def _limit_faiss_threads(threads: int) -> None:
-    # OpenMP thread counts are per calling thread, and faiss shares torch's OpenMP runtime. A search is one
-    # vector: parallelism comes from concurrent requests, and every pool thread that searched with its own
-    # OpenMP team would leave that team spinning on the cores the batcher's forward pass needs.
-    if threads > 0:
-        faiss.omp_set_num_threads(threads)
 
 
 async def _bad_input(request: Request, exc: Exception) -> JSONResponse:

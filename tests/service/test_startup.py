@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 import service.engine
@@ -33,3 +34,24 @@ def test_readyz_is_503_loading_until_the_background_load_finishes(artifacts: Pat
             time.sleep(0.05)
         assert client.get("/readyz").json()["status"] == "ready"
         assert post(client).status_code == 200
+
+
+def test_the_model_is_loaded_in_a_thread_that_ends(artifacts: Path) -> None:
+    # A long-lived thread that ran the model would keep its own OpenMP team, slowing the batcher's.
+    loaders: list[threading.Thread] = []
+    real_load = service.engine.load_engine
+
+    def recording_load(*args, **kwargs):
+        loaders.append(threading.current_thread())
+        return real_load(*args, **kwargs)
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(service.engine, "load_engine", recording_load)
+    try:
+        with TestClient(create_app(make_settings(artifacts, background_load=False))) as client:
+            assert client.get("/readyz").json()["status"] == "ready"
+            loaders[0].join(10)
+            assert loaders[0].name == "stl-load" and not loaders[0].is_alive()
+            assert post(client).status_code == 200
+    finally:
+        monkey.undo()
