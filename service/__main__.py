@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+# Read by libgomp (torch's OpenMP runtime) once, when torch is first imported: nothing heavy is imported
+# above this line. After each parallel region OpenMP threads spin-wait, 300,000 rounds by default,
+# which suits a tight loop of forward passes but in a server keeps a core busy after every batch while
+# the same cores must decode uploads and answer HTTP. 20,000 still spans the gaps inside one forward
+# pass. Measured on 2 cores, 4 runs: concurrency 32 at 88-93 req/s vs 75-84 with the default.
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
 from pydantic import ValidationError
 

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Annotated
 
+import faiss
 import numpy as np
 import torch
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile
 
-from index.artifact import ArtifactError
+from index.artifact import ArtifactError, CategoryIndex
 from service.categories import UnknownCategory
-from service.deps import AdminDep, EngineDep, ServicesDep
+from service.deps import AdminDep, EngineDep, Services, ServicesDep
 from service.engine import Engine, load_engine
 from service.images import BadInput, decode_image, parse_bbox
 from service.schemas import (
@@ -27,6 +29,7 @@ from service.schemas import (
     ReloadResponse,
     Strategy,
 )
+from service.threads import run_in_own_thread
 from training.embedder import CropTooSmall, bbox_to_pixels
 from training.stl import BBox
 
@@ -51,6 +54,25 @@ def _prepare(data: bytes, bbox: BBox | None, max_pixels: int, engine: Engine, em
         return embedder.transform(picture, bbox)
     except CropTooSmall as exc:
         raise BadInput(400, f"the bbox crop is too small to embed: {exc}") from exc
+
+
+def _search(index: CategoryIndex, vector: np.ndarray, k: int, threads: int) -> list[tuple[str, float]]:
+    """One query's hits, with faiss held to `threads` OpenMP threads for the call (0: faiss's default).
+
+    A search is one vector: parallelism comes from concurrent requests, and a thread that searched with
+    an OpenMP team of its own would leave that team spinning on the cores the forward pass needs (seen
+    as a native thread burning ~1 ms of CPU per request). Set and restored around the call, not once per
+    thread: on the batcher's thread a lasting limit would also bind torch's forward pass wherever torch
+    and faiss share one OpenMP runtime.
+    """
+    if threads <= 0:
+        return index.search(np.asarray(vector)[None, :], k)[0]
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        return index.search(np.asarray(vector)[None, :], k)[0]
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 def _fallback(engine: Engine, category: str, strategy: str) -> tuple[str, str] | None:
@@ -86,7 +108,7 @@ async def recommend(
     bbox: Annotated[str | None, Form(description="'left,top,right,bottom' in [0,1], origin top-left")] = None,
     k: Annotated[int, Form(ge=1, le=MAX_K, description="number of products")] = 10,
     strategy: Annotated[Strategy, Form(description="auto: embeddings with fallback; popularity")] = "auto",
-) -> RecommendResponse:
+) -> Response:
     started = time.perf_counter()
     settings, metrics = services.settings, services.metrics
     try:
@@ -102,13 +124,23 @@ async def recommend(
     hits: list[tuple[str, float]] | None = None
     try:
         loop = asyncio.get_running_loop()
-        crop = await loop.run_in_executor(
-            services.cpu_pool, _prepare, data, box, settings.max_image_pixels, engine, fallback is None
-        )
-        if fallback is None:
-            vector = await services.batcher.embed(engine.embedder, crop)
-            search = engine.indexes[full_path].search
-            hits = (await loop.run_in_executor(services.cpu_pool, search, np.asarray(vector)[None, :], k))[0]
+        prepare = functools.partial(_prepare, data, box, settings.max_image_pixels, engine, fallback is None)
+        if fallback is not None:
+            await loop.run_in_executor(services.cpu_pool, prepare)  # still refuses a bad image or crop
+        else:
+            assert engine.embedder is not None
+            # On a CPU the batcher's own thread decodes and crops just before the forward pass (see
+            # service/batching.py); on a GPU the pool does it, overlapping the GPU's forward pass.
+            inline = settings.preprocess_inline
+            if inline is None:
+                inline = engine.embedder.device.type == "cpu"
+            search = functools.partial(_search, engine.indexes[full_path], k=k, threads=settings.faiss_threads)
+            if inline:  # decode, crop, forward and search in one go on the batcher's thread
+                hits = await services.batcher.embed(engine.embedder, prepare, search)
+            else:
+                crop = await loop.run_in_executor(services.cpu_pool, prepare)
+                vector = await services.batcher.embed(engine.embedder, crop)
+                hits = await loop.run_in_executor(services.cpu_pool, search, vector)
     except BadInput:
         raise
     except Exception as exc:  # the model or index broke on this request: log, count, answer by popularity
@@ -123,7 +155,7 @@ async def recommend(
         hits = _popularity_items(engine, full_path, k)
     source = "embedding" if fallback is None else "popularity"
     request.state.source = source
-    return RecommendResponse(
+    answer = RecommendResponse(
         category=full_path,
         source=source,
         fallback_reason=None if fallback is None else fallback[1],
@@ -131,16 +163,18 @@ async def recommend(
         index_version=engine.version,
         took_ms=round((time.perf_counter() - started) * 1000.0, 3),
     )
+    # Serialised here: returned as a model, FastAPI would validate it a second time against response_model.
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 @router.get("/healthz", response_model=HealthResponse, summary="The process is alive")
-def healthz() -> HealthResponse:
+async def healthz() -> HealthResponse:
     return HealthResponse()
 
 
 @router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}},
             summary="Ready to serve: 'ready', or 'degraded' (popularity only); 503 while loading")
-def readyz(services: ServicesDep, response: Response) -> ReadyResponse:
+async def readyz(services: ServicesDep, response: Response) -> ReadyResponse:
     holder, engine = services.holder, services.holder.engine
     if engine is None:
         response.status_code = 503
@@ -155,12 +189,12 @@ def readyz(services: ServicesDep, response: Response) -> ReadyResponse:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics_text(services: ServicesDep) -> Response:
+async def metrics_text(services: ServicesDep) -> Response:
     return Response(services.metrics.render(), media_type=services.metrics.content_type)
 
 
 @router.get("/categories", response_model=CategoriesResponse, summary="Categories that can be requested")
-def categories(engine: EngineDep) -> CategoriesResponse:
+async def categories(engine: EngineDep) -> CategoriesResponse:
     return CategoriesResponse(
         index_version=engine.version,
         categories=[
@@ -174,13 +208,17 @@ def categories(engine: EngineDep) -> CategoriesResponse:
 @router.post("/admin/reload", response_model=ReloadResponse,
              responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
              summary="Switch atomically to the newest published index version (needs STL_ADMIN_TOKEN)")
-def reload(
+async def reload(
     services: ServicesDep,
     _: AdminDep,
     version: Annotated[str | None, Query(description="a specific version; default: the published one")] = None,
     force: Annotated[bool, Query(description="reload even when that version is already served")] = False,
 ) -> ReloadResponse:
-    # A sync route: the load runs in the threadpool while other requests keep being served.
+    # The load runs in a thread of its own (see service/threads.py) while other requests keep being served.
+    return await run_in_own_thread(lambda: _reload(services, version, force), "stl-reload")
+
+
+def _reload(services: Services, version: str | None, force: bool) -> ReloadResponse:
     started = time.perf_counter()
     holder, metrics = services.holder, services.metrics
     with holder.reload_lock:

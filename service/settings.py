@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
     faiss_threads: int = Field(1, ge=0, description="faiss OpenMP threads per search; 0 keeps faiss's default")
     preprocess_threads: int = Field(0, ge=0, le=64, description="decode/crop/search threads; 0 = CPU count")
+    preprocess_inline: bool | None = Field(
+        None, description="decode and crop on the batcher's thread; unset: yes on a CPU, no on a GPU"
+    )
     max_upload_mb: float = Field(10.0, gt=0, le=1024)
     max_image_pixels: int = Field(40_000_000, ge=64 * 64)
     batch_max_size: int = Field(4, ge=1, le=1024)

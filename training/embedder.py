@@ -103,7 +103,10 @@ def _open(source: str | Path | bytes) -> Image.Image:
 def _finish(image: Image.Image) -> Image.Image:
     """Decode now (so errors surface here), apply EXIF orientation (phone photos), convert to RGB."""
     image.load()
-    return ImageOps.exif_transpose(image).convert("RGB")
+    # In place and no RGB->RGB convert: each copy of a freshly decoded photo costs ~0.6 ms of page faults
+    # (0.6 MP JPEG: 2.6 -> 0.7 ms to load), and the pixels are the same.
+    ImageOps.exif_transpose(image, in_place=True)
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def load_image(source: str | Path | bytes) -> Image.Image:
@@ -133,11 +136,11 @@ def to_tensor(image: Image.Image, bbox: BBox | None, preprocess: Preprocess) -> 
     """Crop (with context) -> square resize -> normalised float tensor [3, S, S] on the CPU."""
     box = bbox_to_pixels(image.width, image.height, bbox, preprocess.context if bbox is not None else 0.0)
     crop = image.crop(box).resize((preprocess.image_size, preprocess.image_size), Image.Resampling.BILINEAR)
-    array = np.asarray(crop, dtype=np.float32)
-    # One fused affine per channel: (x / 255 - mean) / std == x * a + b.
-    scale = 1.0 / (255.0 * np.asarray(preprocess.std, dtype=np.float32))
-    shift = -np.asarray(preprocess.mean, dtype=np.float32) / np.asarray(preprocess.std, dtype=np.float32)
-    return torch.from_numpy((array * scale + shift).transpose(2, 0, 1).copy())
+    array = np.array(crop, dtype=np.float32)
+    # One fused affine per channel: (x / 255 - mean) / std == x * a + b, in place (no temporaries to fault in).
+    array *= 1.0 / (255.0 * np.asarray(preprocess.std, dtype=np.float32))
+    array += -np.asarray(preprocess.mean, dtype=np.float32) / np.asarray(preprocess.std, dtype=np.float32)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
 def load_crop(source: str | Path | bytes, bbox: BBox | None, preprocess: Preprocess) -> torch.Tensor:

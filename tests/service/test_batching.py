@@ -97,3 +97,54 @@ def test_cancelled_jobs_are_skipped_and_closed_batcher_refuses() -> None:
     assert embedder.batches == [1, 1]
     with pytest.raises(BatcherClosed):
         batcher.submit(embedder, crop(3.0))
+
+
+def test_crops_made_by_the_worker_fail_alone() -> None:
+    # On a CPU the worker decodes and crops itself; one caller's bad image must not sink the batch.
+    embedder = FakeEmbedder(block_first=True)
+    batcher = Batcher(max_size=8, max_wait_s=0.0)
+    made_in: list[str] = []
+
+    def make(value: float):
+        def run() -> torch.Tensor:
+            made_in.append(threading.current_thread().name)
+            if value < 0:
+                raise ValueError("not an image")
+            return crop(value)
+        return run
+
+    try:
+        gate = batcher.submit(embedder, crop(0.0))
+        assert embedder.started.wait(5)
+        good, bad, ready = batcher.submit(embedder, make(1.0)), batcher.submit(embedder, make(-1.0)), \
+            batcher.submit(embedder, crop(2.0))
+        embedder.release.set()
+        gate.result(5)
+        assert good.result(5)[0] == 1.0 and ready.result(5)[0] == 2.0
+        with pytest.raises(ValueError, match="not an image"):
+            bad.result(5)
+    finally:
+        batcher.close()
+    assert embedder.batches == [1, 2]  # the good made crop and the ready one shared a pass
+    assert made_in == ["stl-batcher", "stl-batcher"]
+
+
+def test_finish_runs_on_the_worker_and_fails_alone() -> None:
+    embedder = FakeEmbedder()
+    batcher = Batcher(max_size=8, max_wait_s=0.0)
+    ran_in: list[str] = []
+
+    def double(vector: np.ndarray) -> float:
+        ran_in.append(threading.current_thread().name)
+        if vector[0] < 0:
+            raise LookupError("index broke")
+        return float(vector[0] * 2)
+
+    try:
+        assert batcher.submit(embedder, crop(3.0), double).result(5) == 6.0
+        with pytest.raises(LookupError, match="index broke"):
+            batcher.submit(embedder, crop(-1.0), double).result(5)
+        np.testing.assert_array_equal(batcher.submit(embedder, crop(4.0)).result(5), [4, 4, 4])
+    finally:
+        batcher.close()
+    assert ran_in == ["stl-batcher", "stl-batcher"]

@@ -9,8 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from index.artifact import open_artifact
+from service.app import create_app
 from service.images import parse_bbox
-from tests.service.conftest import BAGS, CATEGORIES, PANTS, SHOES, post, scene_jpeg
+from tests.service.conftest import BAGS, CATEGORIES, PANTS, SHOES, make_settings, post, scene_jpeg
 from training.embedder import Embedder
 
 
@@ -89,3 +90,18 @@ def test_openapi_documents_the_contract(client: TestClient) -> None:
     schema = spec["components"]["schemas"]["RecommendResponse"]
     assert schema["properties"]["source"]["enum"] == ["embedding", "popularity"]
     assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_crops_made_on_the_batcher_or_in_the_pool_give_the_same_answer(built: dict, inline: bool) -> None:
+    image, bbox = scene_jpeg(seed=5), "0.2,0.1,0.8,0.7"
+    settings = make_settings(built["root"], preprocess_inline=inline)
+    with TestClient(create_app(settings)) as app:
+        body = post(app, image, category="Shoes", bbox=bbox, k=4).json()
+        bad = post(app, b"not an image", category="Shoes")
+        tiny = post(app, image, category="Shoes", bbox="0.5,0.5,0.51,0.51")
+    assert body["source"] == "embedding"
+    expected = direct_search(built["root"], image, bbox, SHOES, 4)
+    assert [item["product_id"] for item in body["items"]] == [pid for pid, _ in expected]
+    assert bad.status_code == 400 and "not an image" in bad.json()["detail"]
+    assert tiny.status_code == 400 and "too small" in tiny.json()["detail"]

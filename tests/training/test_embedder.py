@@ -105,6 +105,21 @@ def test_load_image_decodes_rgb_and_rejects_garbage():
         load_image(b"not an image")
 
 
+@pytest.mark.parametrize("orientation, transpose", [(1, None), (6, Image.Transpose.ROTATE_270),
+                                                    (3, Image.Transpose.ROTATE_180)])
+def test_load_image_applies_exif_orientation(orientation, transpose):
+    # Phone photos are stored sideways with an EXIF Orientation tag; the bbox refers to the upright picture.
+    stored = _image(40, 24)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    stored.save(buffer, format="PNG", exif=exif)
+    image = load_image(buffer.getvalue())
+    expected = stored if transpose is None else stored.transpose(transpose)
+    assert image.mode == "RGB" and image.size == expected.size
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(expected))
+
+
 # --- one vector per input, whichever path computes it --------------------------------------------------
 
 
