@@ -119,8 +119,7 @@ class Bare:
 
     def __init__(self, embedder: Embedder, images: list[bytes]) -> None:
         self.embedder, self.images = embedder, images
-        box = parse_box(BBOXES[0])
-        self.crop = embedder.transform(embedder.load_image(images[0], box), box)
+        self.crop = self.make_crop(0)
 
     def make_crop(self, n: int) -> torch.Tensor:
         box = parse_box(BBOXES[n % len(BBOXES)])

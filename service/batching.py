@@ -122,18 +122,17 @@ class Batcher:
                 return
 
     def _process(self, batch: list[_Job]) -> None:
-        # Jobs whose request went away are dropped before paying for their forward pass.
-        live: list[tuple[_Job, torch.Tensor]] = []
+        # After a hot reload, jobs for the old and the new embedder can share a batch: one pass each.
+        groups: dict[int, list[tuple[_Job, torch.Tensor]]] = {}
         for job in batch:
+            # Jobs whose request went away are dropped before paying for their forward pass.
             if not job.future.set_running_or_notify_cancel():
                 continue
             try:
-                live.append((job, job.crop() if callable(job.crop) else job.crop))
+                crop = job.crop() if callable(job.crop) else job.crop
             except Exception as exc:  # that caller's bad image (a 4xx for it), not the batch's problem
                 job.future.set_exception(exc)
-        # After a hot reload, jobs for the old and the new embedder can share a batch: one pass each.
-        groups: dict[int, list[tuple[_Job, torch.Tensor]]] = {}
-        for job, crop in live:
+                continue
             groups.setdefault(id(job.embedder), []).append((job, crop))
         for group in groups.values():
             jobs = [job for job, _ in group]
