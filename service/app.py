@@ -21,6 +21,7 @@ from service.middleware import BodySizeLimit, RequestMetrics
 from service.routes import router
 from service.settings import Settings, get_settings
 from service.threads import run_in_own_thread
+from training.device import resolve_device
 
 LOG = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             torch.set_num_threads(settings.torch_threads)
         holder = EngineHolder(settings.artifacts)
         batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_ms / 1000.0,
-                          on_batch=metrics.batch_size.observe)
+                          on_batch=metrics.batch_size.observe, workers=_batch_workers(settings),
+                          threads=torch.get_num_threads())
         cpu_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="stl-cpu")
         app.state.services = Services(settings=settings, metrics=metrics, holder=holder, batcher=batcher,
                                       cpu_pool=cpu_pool)
@@ -75,6 +77,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(BadInput, _bad_input)
     app.add_exception_handler(Exception, _unexpected)
     return app
+
+
+def _batch_workers(settings: Settings) -> int:
+    """STL_BATCH_WORKERS, or by default one per intra-op thread on a CPU (see service/batching.py) and
+    one on a GPU."""
+    if settings.batch_workers > 0:
+        return settings.batch_workers
+    try:
+        device = resolve_device(settings.device)
+    except ValueError:  # cuda asked for and absent: the load reports it; popularity needs no workers
+        return 1
+    return 1 if device.type == "cuda" else torch.get_num_threads()
 
 
 async def _bad_input(request: Request, exc: Exception) -> JSONResponse:

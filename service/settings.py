@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=64 * 64)
     batch_max_size: int = Field(4, ge=1, le=1024)
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000)
+    batch_workers: int = Field(
+        0, ge=0, le=256, description="forward-pass workers; 0: one per torch thread on a CPU, one on a GPU"
+    )
     admin_token: SecretStr | None = None
     background_load: bool = Field(
         True, description="accept requests (readyz 503 'loading') while the model and indexes load at start-up"

@@ -148,3 +148,81 @@ def test_finish_runs_on_the_worker_and_fails_alone() -> None:
     finally:
         batcher.close()
     assert ran_in == ["stl-batcher", "stl-batcher"]
+
+
+class RecordingEmbedder(FakeEmbedder):
+    """Records which thread ran each pass and with how many intra-op threads; each pass takes a while,
+    as a real one does, so that queued jobs are still there when a helper wakes up."""
+
+    def __init__(self, block_first: bool = False, seconds: float = 0.02) -> None:
+        super().__init__(block_first)
+        self.seconds = seconds
+        self.passes: list[tuple[str, int, int]] = []
+
+    def embed_batch(self, batch: torch.Tensor, kind: str) -> np.ndarray:
+        vectors = super().embed_batch(batch, kind)
+        self.passes.append((threading.current_thread().name, torch.get_num_threads(), len(batch)))
+        threading.Event().wait(self.seconds)
+        return vectors
+
+
+@pytest.fixture()
+def restore_torch_threads():
+    # Workers set torch's thread count, which is also the default of threads torch meets later.
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("restore_torch_threads")
+def test_a_lone_request_gets_the_primary_and_all_its_threads() -> None:
+    embedder = RecordingEmbedder(seconds=0.0)
+    batcher = Batcher(max_size=4, max_wait_s=0.0, workers=2, threads=2)
+    try:
+        for value in range(5):  # one at a time: concurrency 1
+            assert batcher.submit(embedder, crop(float(value))).result(5)[0] == value
+    finally:
+        batcher.close()
+    assert embedder.passes == [("stl-batcher", 2, 1)] * 5
+
+
+@pytest.mark.usefixtures("restore_torch_threads")
+def test_a_backlog_is_shared_with_single_threaded_helpers_until_traffic_is_light() -> None:
+    embedder = RecordingEmbedder(block_first=True)
+    batcher = Batcher(max_size=4, max_wait_s=0.0, workers=2, threads=2)
+    try:
+        gate = batcher.submit(embedder, crop(-1.0))
+        assert embedder.started.wait(5)
+        futures = [batcher.submit(embedder, crop(float(i))) for i in range(24)]  # the backlog
+        embedder.release.set()
+        assert gate.result(5)[0] == -1.0
+        assert [future.result(5)[0] for future in futures] == list(range(24))
+        backlog = list(embedder.passes[1:])
+        for value in range(3):  # light traffic again: back to the primary alone, all threads
+            assert batcher.submit(embedder, crop(100.0 + value)).result(5)[0] == 100.0 + value
+    finally:
+        batcher.close()
+    assert embedder.passes[0] == ("stl-batcher", 2, 1)
+    assert {threads for _, threads, _ in backlog} == {1}  # nobody oversubscribes the cores
+    assert {name for name, _, _ in backlog} == {"stl-batcher", "stl-batcher-1"}  # both took batches
+    assert sum(size for _, _, size in backlog) == 24
+    assert embedder.passes[-1] == ("stl-batcher", 2, 1), embedder.passes[-5:]
+
+
+@pytest.mark.usefixtures("restore_torch_threads")
+def test_closing_finishes_every_queued_job_and_stops_the_helpers() -> None:
+    embedder = RecordingEmbedder(block_first=True, seconds=0.005)
+    batcher = Batcher(max_size=2, max_wait_s=0.0, workers=3, threads=2, name="closing-test")
+    gate = batcher.submit(embedder, crop(0.0))
+    assert embedder.started.wait(5)
+    futures = [batcher.submit(embedder, crop(float(i))) for i in range(15)]
+    embedder.release.set()
+    batcher.close()
+    assert gate.done() and all(future.done() for future in futures)
+    assert [future.result(0)[0] for future in futures] == list(range(15))
+    assert not any(thread.name.startswith("closing-test") for thread in threading.enumerate())
+
+
+def test_workers_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="workers"):
+        Batcher(workers=0)
