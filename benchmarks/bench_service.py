@@ -1,6 +1,6 @@
 """Service benchmark: real uvicorn in a subprocess, an httpx async load generator, the bare embedder beside it.
 
-    .venv/bin/python benchmarks/bench_service.py [--rounds 6] [--requests 400] [--threads 2]
+    .venv/bin/python benchmarks/bench_service.py [--rounds 6] [--requests 400] [--threads 2] [--backbone resnet50]
 
 Builds an efficientnet_lite0 + head artifact whose 38,111 products (the real catalogue's size and
 category mix) have random unit vectors, then serves it and measures latency/throughput at
@@ -8,7 +8,9 @@ concurrency 1, 8 and 32 and the server's resident memory. The bare embedder is t
 called directly for what one request asks of it (decode the 640x480 JPEG, crop the bbox, forward);
 its one-request time and best batched throughput are measured in rounds alternating with the c=1 and
 c=32 loads, and the network forward alone on ready tensors is reported beside it. Prints each number
-and writes them to benchmarks/results/service.json.
+and writes them to benchmarks/results/service.json. `--backbone resnet50` serves the paper's backbone
+instead, with random weights (none can be downloaded; the timing does not depend on them), and writes
+service_resnet50.json.
 """
 
 from __future__ import annotations
@@ -58,8 +60,20 @@ SWEEP_SIZES = (1, 2, 4, 8, 16, 32)
 BBOXES = ("0.30,0.55,0.60,0.95", "0.10,0.10,0.70,0.60", "0.40,0.20,0.90,0.80", "0.05,0.40,0.45,0.95")
 
 
-def make_checkpoint(path: Path, seed: int = 0) -> Path:
-    backbone = load_backbone("efficientnet_lite0")
+def random_resnet50(path: Path, seed: int = 0) -> Path:
+    """A torchvision ResNet-50 state dict with random weights: the paper's backbone has no offline weights,
+    and a forward pass costs the same whatever the weights are."""
+    from torchvision.models import resnet50
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.save(resnet50().state_dict(), path)
+    return path
+
+
+def make_checkpoint(path: Path, seed: int = 0, backbone_name: str = "efficientnet_lite0",
+                    weights: Path | None = None) -> Path:
+    backbone = load_backbone(backbone_name, weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = CompatibilityHead(HeadConfig(in_dim=backbone.dim, hidden_dim=512, out_dim=128)).eval()
@@ -313,7 +327,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="STL_BATCH_MAX_SIZE (default: the service's default)")
     parser.add_argument("--batch-max-wait-ms", type=float, default=2.0)
     parser.add_argument("--work", type=Path, default=None, help="keep the artifact here (default: a temp dir)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--backbone", choices=("efficientnet_lite0", "resnet50"), default="efficientnet_lite0",
+                        help="resnet50 (the paper's backbone) runs with random weights: timing only")
+    parser.add_argument("--out", type=Path, default=None, help=f"default {RESULTS} (service_resnet50.json)")
     return parser
 
 
@@ -321,6 +337,7 @@ def start_server(root: Path, args: argparse.Namespace) -> tuple[subprocess.Popen
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "STL_ARTIFACTS": str(root), "STL_DEVICE": "cpu", "STL_LOG_LEVEL": "WARNING",
+           **({"STL_BACKBONE_WEIGHTS": str(args.backbone_weights)} if args.backbone_weights else {}),
            "STL_TORCH_THREADS": str(args.threads), "STL_BATCH_MAX_SIZE": str(args.batch_max_size),
            "STL_BATCH_MAX_WAIT_MS": str(args.batch_max_wait_ms)}
     env.pop("STL_ADMIN_TOKEN", None)
@@ -403,8 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as temp:
         work = args.work or Path(temp)
         work.mkdir(parents=True, exist_ok=True)
-        checkpoint = make_checkpoint(work / "head.pt")
-        embedder = Embedder.from_checkpoint(checkpoint, "cpu")
+        args.backbone_weights = random_resnet50(work / "resnet50-random.pth") if args.backbone == "resnet50" else None
+        checkpoint = make_checkpoint(work / "head.pt", backbone_name=args.backbone, weights=args.backbone_weights)
+        embedder = Embedder.from_checkpoint(checkpoint, "cpu", args.backbone_weights)
         root = work / "artifacts"
         started = time.perf_counter()
         version = make_artifact(root, checkpoint, embedder)
@@ -480,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
                     "load_average_at_end": load_average,
                     "torch": torch.__version__, "gpu": torch.cuda.is_available()},
-        "setup": {"backbone": "efficientnet_lite0", "head": "1280-512-128", "products": sum(STL_CATEGORY_MIX.values()),
+        "setup": {"backbone": args.backbone, "head": f"{embedder.backbone.dim}-512-128",
+                  "products": sum(STL_CATEGORY_MIX.values()),
                   "categories": len(STL_CATEGORY_MIX), "scene_size": [640, 480], "k": 10,
                   "batch_max_size": args.batch_max_size, "batch_max_wait_ms": args.batch_max_wait_ms,
                   "rounds": args.rounds},
@@ -492,9 +511,11 @@ def main(argv: list[str] | None = None) -> int:
         "server_rss_mib": rss_mib,
         "targets": targets,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    out = args.out or (RESULTS if args.backbone == "efficientnet_lite0"
+                       else RESULTS.with_name(f"service_{args.backbone}.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
     return 0
 
 
