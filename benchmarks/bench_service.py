@@ -41,6 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from index.publish import publish, staging_dir
 from index.writer import CategoryData, new_version, write_version
+from service.launch import ServiceNotReady, wait_until_ready
 from service.settings import Settings
 from training.allocator import retain_freed_memory
 from training.backbones import load_backbone
@@ -342,19 +343,11 @@ def start_server(root: Path, args: argparse.Namespace) -> tuple[subprocess.Popen
            "STL_BATCH_MAX_WAIT_MS": str(args.batch_max_wait_ms)}
     env.pop("STL_ADMIN_TOKEN", None)
     server = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)], env=env)
-    deadline = time.monotonic() + 180
-    while True:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.returncode} during start-up")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            server.kill()
-            raise RuntimeError("the server did not become ready within 180 s")
-        time.sleep(0.25)
+    try:
+        wait_until_ready(url, server)
+    except ServiceNotReady:
+        server.kill()
+        raise
     ready = httpx.get(f"{url}/readyz").json()
     assert ready["status"] == "ready", ready
     return server, url

@@ -11,12 +11,12 @@ import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from index import pipeline
+from service.launch import ServiceNotReady, wait_until_ready
 from training.stl import STLDataset
 
 
@@ -27,20 +27,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--no-serve", action="store_true", help="exit after the demo request")
     return parser
-
-
-def wait_ready(base_url: str, server: subprocess.Popen, timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the service exited with code {server.returncode}; see its log above")
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=2.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"the service was not ready after {timeout_s:.0f} s")
 
 
 def demo_request(base_url: str, data: Path, seed: int) -> dict:
@@ -70,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nstarting the service on {base_url} (Ctrl-C stops it)")
     server = subprocess.Popen([sys.executable, "-m", "service", "--host", args.host, "--port", str(args.port)], env=env)
     try:
-        wait_ready(base_url, server)
+        try:
+            wait_until_ready(base_url, server, poll_s=0.5)
+        except ServiceNotReady as exc:
+            raise SystemExit(f"{exc}; see its log above") from None
         print(json.dumps(demo_request(base_url, args.data, args.seed), indent=2))
         if args.no_serve:
             return 0

@@ -43,8 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             torch.set_num_threads(settings.torch_threads)
         holder = EngineHolder(settings.artifacts)
         batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_ms / 1000.0,
-                          on_batch=metrics.batch_size.observe, workers=_batch_workers(settings),
-                          threads=torch.get_num_threads())
+                          on_batch=metrics.batch_size.observe, workers=_batch_workers(settings))
         cpu_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="stl-cpu")
         app.state.services = Services(settings=settings, metrics=metrics, holder=holder, batcher=batcher,
                                       cpu_pool=cpu_pool)
