@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.backbones import available, load_backbone
-from training.embedder import Embedder, load_crop
-from training.features import cache_features
-from training.stl import CategoryMap, Pair, STLDataset, product_path, scene_path, write_pairs
+from training.data.stl import CategoryMap, Pair, STLDataset, product_path, scene_path, write_pairs
+from training.fit.features import cache_features
+from training.model.backbones import available, load_backbone
+from training.model.embedder import Embedder, load_crop
 
 LOG = logging.getLogger(__name__)
 DEFAULT_OUT = Path(__file__).parent / "results" / "features.json"

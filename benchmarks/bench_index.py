@@ -24,10 +24,10 @@ from PIL import Image, ImageDraw
 from index.ann import RECALL_K, build_index, choose_spec, exact_neighbours, recall_at_k, tune_search_params
 from index.artifact import CategoryIndex, open_artifact
 from index.build import build
-from training.backbones import load_backbone
-from training.checkpoint import Checkpoint, save_checkpoint
-from training.embedder import Embedder, Preprocess, load_crop
-from training.head import CompatibilityHead, HeadConfig
+from training.model.backbones import load_backbone
+from training.model.checkpoint import Checkpoint, save_checkpoint
+from training.model.embedder import Embedder, Preprocess, load_crop
+from training.model.head import CompatibilityHead, HeadConfig
 
 LOG = logging.getLogger(__name__)
 RESULTS = Path(__file__).parent / "results" / "index.json"

@@ -1,6 +1,6 @@
 """Quality of the trained head against popularity and the raw-backbone kNN on the synthetic catalogue.
 
-Generates the default synthetic catalogue if missing (training.synth), trains the head with the default
+Generates the default synthetic catalogue if missing (training.data.synth.plan), trains the head with the default
 backbone (`python -m training train`), then ranks every test pair against all products of its category:
 HR@{1,5,10,20,50}, binary accuracy, AUC and run times, plus the head's ratios to the baselines.
 Prints a table and writes benchmarks/results/bench_quality.json.
@@ -20,14 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-from training import synth, train
-from training.backbones import load_backbone
-from training.embedder import Embedder
-from training.evaluate import EmbeddingRanker, PopularityRanker, evaluate_models, format_table
-from training.features import cache_features
-from training.popularity import Popularity
-from training.split import split_by_scene
-from training.stl import STLDataset
+from training.data.popularity import Popularity
+from training.data.split import split_by_scene
+from training.data.stl import STLDataset
+from training.data.synth import plan as synth
+from training.eval.rankers import EmbeddingRanker, PopularityRanker, evaluate_models, format_table
+from training.fit import run as train
+from training.fit.features import cache_features
+from training.model.backbones import load_backbone
+from training.model.embedder import Embedder
 
 LOG = logging.getLogger(__name__)
 

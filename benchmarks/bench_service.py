@@ -42,15 +42,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from index.publish import publish, staging_dir
 from index.writer import CategoryData, new_version, write_version
 from service.launch import ServiceNotReady, wait_until_ready
+from service.process import retain_freed_memory
 from service.settings import Settings
-from training.allocator import retain_freed_memory
-from training.backbones import load_backbone
-from training.checkpoint import Checkpoint, save_checkpoint
-from training.embedder import Embedder, Preprocess
-from training.head import CompatibilityHead, HeadConfig
-from training.popularity import Popularity
-from training.stl import CategoryMap
-from training.synth import FALLBACK_CATEGORIES
+from training.data.popularity import Popularity
+from training.data.stl import CategoryMap
+from training.data.synth.plan import FALLBACK_CATEGORIES
+from training.model.backbones import load_backbone
+from training.model.checkpoint import Checkpoint, save_checkpoint
+from training.model.embedder import Embedder, Preprocess
+from training.model.head import CompatibilityHead, HeadConfig
 
 LOG = logging.getLogger(__name__)
 RESULTS = Path(__file__).parent / "results" / "service.json"

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.device import resolve_device
-from training.head import HeadConfig
-from training.trainer import PairFeatures, Products, TrainConfig, train_head
+from training.fit.trainer import PairFeatures, Products, TrainConfig, train_head
+from training.model.device import resolve_device
+from training.model.head import HeadConfig
 
 LOG = logging.getLogger(__name__)
 

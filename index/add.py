@@ -17,13 +17,13 @@ from index.artifact import ArtifactError
 from index.edit import changed, derive, open_current, unchanged
 from index.embed import embed_product_files
 from index.publish import DEFAULT_KEEP, build_lock
-from training.checkpoint import CheckpointMismatch
-from training.embedder import Embedder
-from training.stl import CategoryMap
+from training.data.stl import CategoryMap
+from training.model.checkpoint import CheckpointMismatch
+from training.model.embedder import Embedder
 
 LOG = logging.getLogger(__name__)
 
-_ID_RE = re.compile(r"^[0-9a-zA-Z_-]{1,128}$")  # the STL id rule (training.stl), ids become file names
+_ID_RE = re.compile(r"^[0-9a-zA-Z_-]{1,128}$")  # the STL id rule (training.data.stl), ids become file names
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from training.checkpoint import file_sha256
+from training.model.checkpoint import file_sha256
 
 LOG = logging.getLogger(__name__)
 
@@ -125,9 +125,9 @@ class Artifact:
         return self.path / CHECKPOINT_FILE
 
     @property
-    def popularity(self):  # -> training.popularity.Popularity, imported lazily to keep loading cheap
+    def popularity(self):  # -> training.data.popularity.Popularity, imported lazily to keep loading cheap
         if self._popularity is None:
-            from training.popularity import Popularity
+            from training.data.popularity import Popularity
 
             try:
                 self._popularity = Popularity.from_json(self.path / POPULARITY_FILE)

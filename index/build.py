@@ -18,11 +18,11 @@ from index.artifact import ArtifactError
 from index.embed import embed_product_files
 from index.publish import DEFAULT_KEEP, build_lock, clean_stale, publish, staging_dir
 from index.writer import CategoryData, new_version, write_version
-from training.checkpoint import CheckpointMismatch, file_sha256, load_checkpoint
-from training.embedder import Embedder
-from training.popularity import Popularity
-from training.split import split_by_scene
-from training.stl import CategoryMap, STLDataset, STLFormatError
+from training.data.popularity import Popularity
+from training.data.split import split_by_scene
+from training.data.stl import CategoryMap, STLDataset, STLFormatError
+from training.model.checkpoint import CheckpointMismatch, file_sha256, load_checkpoint
+from training.model.embedder import Embedder
 
 LOG = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def embed_catalogue(dataset: STLDataset, catalogue: list[str], embedder: Embedde
                     batch_size: int, workers: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """Index vectors of the catalogue and a mask of the products that could be embedded."""
     if cache is not None:
-        from training.features import cache_features
+        from training.fit.features import cache_features
 
         # Backbone features already extracted for training are reused; only missing ones are computed.
         features = cache_features(dataset, embedder, cache, pairs=[], products=catalogue,

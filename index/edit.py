@@ -12,8 +12,8 @@ from index.ann import IndexSpec, choose_spec
 from index.artifact import Artifact, open_artifact
 from index.publish import clean_stale, publish, staging_dir
 from index.writer import CategoryData, new_version, write_version
-from training.popularity import Popularity
-from training.stl import CategoryMap
+from training.data.popularity import Popularity
+from training.data.stl import CategoryMap
 
 LOG = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from training.embedder import Embedder, Preprocess, load_crop
+from training.model.embedder import Embedder, Preprocess, load_crop
 
 LOG = logging.getLogger(__name__)
 

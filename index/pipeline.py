@@ -11,8 +11,8 @@ import json
 import logging
 from pathlib import Path
 
-from training.checkpoint import file_sha256
-from training.stl import PAIRS_FILE, UPSTREAM_PAIRS_FILES
+from training.data.stl import PAIRS_FILE, UPSTREAM_PAIRS_FILES
+from training.model.checkpoint import file_sha256
 
 LOG = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Run the steps that are not done yet; `args` as parsed by `get_args_parser()`."""
     from index import build
-    from training import synth, train
+    from training.data.synth import plan as synth
+    from training.fit import run as train
 
     if has_stl_data(args.data):
         print(f"[1/3] dataset: using {args.data}")

@@ -28,8 +28,8 @@ from index.ann import (
     tune_search_params,
 )
 from index.artifact import CHECKPOINT_FILE, FORMAT_VERSION, MANIFEST_FILE, POPULARITY_FILE, PRODUCTS_FILE
-from training.checkpoint import file_sha256
-from training.popularity import Popularity
+from training.data.popularity import Popularity
+from training.model.checkpoint import file_sha256
 
 LOG = logging.getLogger(__name__)
 

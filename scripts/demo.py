@@ -17,7 +17,7 @@ import httpx
 
 from index import pipeline
 from service.launch import ServiceNotReady, wait_until_ready
-from training.stl import STLDataset
+from training.data.stl import STLDataset
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from service.app import create_app
-    from training.allocator import retain_freed_memory
+    from service.process import retain_freed_memory
 
-    # Steady forward passes without page faults (training/allocator.py): 71-74 -> 88-96 req/s at
+    # Steady forward passes without page faults (service/process.py): 71-74 -> 88-96 req/s at
     # concurrency 32 on 2 cores, for the server starts that used to land in glibc's slow state.
     retain_freed_memory()
 

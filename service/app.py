@@ -21,7 +21,7 @@ from service.middleware import BodySizeLimit, RequestMetrics
 from service.routes import router
 from service.settings import Settings, get_settings
 from service.threads import run_in_own_thread
-from training.device import resolve_device
+from training.model.device import resolve_device
 
 LOG = logging.getLogger(__name__)
 

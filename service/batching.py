@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.embedder import Embedder
+from training.model.embedder import Embedder
 
 LOG = logging.getLogger(__name__)
 

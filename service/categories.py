@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from training.stl import short_name
+from training.data.stl import short_name
 
 
 class UnknownCategory(KeyError):
@@ -15,7 +15,7 @@ class UnknownCategory(KeyError):
 
 
 class CategoryResolver:
-    """The same resolution rules as `training.stl.CategoryMap.resolve`, over a list of paths."""
+    """The same resolution rules as `training.data.stl.CategoryMap.resolve`, over a list of paths."""
 
     def __init__(self, paths: Iterable[str]) -> None:
         self.paths: list[str] = sorted(set(paths))

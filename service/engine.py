@@ -20,7 +20,7 @@ import torch
 from index.artifact import ArtifactError, CategoryIndex, current_version, open_artifact
 from service.categories import CategoryResolver
 from service.settings import Settings
-from training.embedder import Embedder
+from training.model.embedder import Embedder
 
 LOG = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 from PIL import Image, UnidentifiedImageError
 
-from training.embedder import CropTooSmall, load_image
-from training.stl import BBox, validate_bbox
+from training.data.stl import BBox, validate_bbox
+from training.model.embedder import CropTooSmall, load_image
 
 LOG = logging.getLogger(__name__)
 

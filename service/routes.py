@@ -30,8 +30,8 @@ from service.schemas import (
     Strategy,
 )
 from service.threads import run_in_own_thread
-from training.embedder import CropTooSmall, bbox_to_pixels
-from training.stl import BBox
+from training.data.stl import BBox
+from training.model.embedder import CropTooSmall, bbox_to_pixels
 
 LOG = logging.getLogger(__name__)
 

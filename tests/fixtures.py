@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from training.backbones import load_backbone
-from training.checkpoint import Checkpoint, save_checkpoint
-from training.embedder import Preprocess
-from training.head import CompatibilityHead, HeadConfig
+from training.model.backbones import load_backbone
+from training.model.checkpoint import Checkpoint, save_checkpoint
+from training.model.embedder import Preprocess
+from training.model.head import CompatibilityHead, HeadConfig
 
 
 def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:

@@ -7,11 +7,11 @@ import sys
 from training.cli import dispatch
 
 COMMANDS = {
-    "fetch-stl": ("training.fetch", "download STL scene and product images"),
-    "synth": ("training.synth", "generate the synthetic STL-format catalogue"),
-    "features": ("training.features", "extract and cache frozen-backbone features"),
-    "train": ("training.train", "train the embedding head on cached features"),
-    "evaluate": ("training.evaluate", "HR@K and binary accuracy of models on the test split"),
+    "fetch-stl": ("training.data.fetch", "download STL scene and product images"),
+    "synth": ("training.data.synth.plan", "generate the synthetic STL-format catalogue"),
+    "features": ("training.fit.features", "extract and cache frozen-backbone features"),
+    "train": ("training.fit.run", "train the embedding head on cached features"),
+    "evaluate": ("training.eval.rankers", "HR@K and binary accuracy of models on the test split"),
 }
 
 

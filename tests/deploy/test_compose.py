@@ -168,7 +168,7 @@ def _catalogue_from_volume(stack: Stack) -> Path:
 def test_recommend_a_real_scene_through_the_stack(stack: Stack) -> None:
     from PIL import Image
 
-    from training.stl import STLDataset
+    from training.data.stl import STLDataset
 
     dataset = STLDataset.open(_catalogue_from_volume(stack))
     categories = httpx.get(f"{stack.base_url}/categories", timeout=10).json()["categories"]

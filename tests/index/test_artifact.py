@@ -17,9 +17,9 @@ from index.artifact import (
     open_artifact,
 )
 from index.build import main as build_main
-from training.embedder import Embedder
-from training.split import split_by_scene
-from training.stl import STLDataset
+from training.data.split import split_by_scene
+from training.data.stl import STLDataset
+from training.model.embedder import Embedder
 
 from .conftest import CATEGORIES, make_checkpoint
 

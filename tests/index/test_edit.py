@@ -12,7 +12,7 @@ from index.add import main as add_main
 from index.artifact import current_version, list_versions, open_artifact
 from index.build import build
 from index.remove import main as remove_main
-from training.embedder import Embedder
+from training.model.embedder import Embedder
 
 from .conftest import draw_image
 

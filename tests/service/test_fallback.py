@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from index.artifact import open_artifact
 from service.app import create_app
 from tests.service.conftest import PANTS, SHOES, make_settings, post
-from training.popularity import Popularity
+from training.data.popularity import Popularity
 
 
 def metric(client: TestClient, name: str, **labels: str) -> float:

@@ -12,7 +12,7 @@ from index.artifact import open_artifact
 from service.app import create_app
 from service.images import parse_bbox
 from tests.service.conftest import BAGS, CATEGORIES, PANTS, SHOES, make_settings, post, scene_jpeg
-from training.embedder import Embedder
+from training.model.embedder import Embedder
 
 
 def direct_search(root: Path, image: bytes, bbox: str | None, category: str, k: int) -> list[tuple[str, float]]:

@@ -14,7 +14,7 @@ def test_unknown_command_is_a_usage_error(capsys) -> None:
 
 
 def test_runs_the_named_module(monkeypatch) -> None:
-    import training.split as target
+    import training.data.split as target
 
     monkeypatch.setattr(target, "main", lambda argv: 7 if argv == ["--x"] else 0, raising=False)
-    assert dispatch("prog", {"split": ("training.split", "test")}, ["split", "--x"]) == 7
+    assert dispatch("prog", {"split": ("training.data.split", "test")}, ["split", "--x"]) == 7

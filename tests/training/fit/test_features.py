@@ -1,0 +1,202 @@
+"""Feature cache: equal to direct extraction, incremental, keyed by preprocessing, resumable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.data.stl import Pair, STLDataset, product_path, scene_path, write_pairs
+from training.fit import features as features_module
+from training.fit.features import (
+    CachedFeatures,
+    FeatureCacheError,
+    MissingFeatures,
+    cache_dir,
+    cache_features,
+    main,
+    scene_key,
+)
+from training.model.backbones import load_backbone
+from training.model.embedder import Embedder, load_image
+
+SCENES = {"s1": (96, 128), "s2": (120, 80), "s3": (64, 64)}
+PRODUCTS = {"p1": "Clothing|Tops", "p2": "Clothing|Tops", "p3": "Shoes|Boots", "p4": "Bags|Totes"}
+PAIRS = [
+    Pair("s1", "p1", (0.1, 0.1, 0.5, 0.6)),
+    Pair("s1", "p3", (0.5, 0.55, 0.9, 0.95)),
+    Pair("s2", "p2", (0.2, 0.2, 0.8, 0.8)),
+    Pair("s2", "p4", (0.2, 0.2, 0.8, 0.8)),  # same crop as the line above: extracted once
+    Pair("s3", "p3", (0.0, 0.0, 1.0, 1.0)),
+]
+
+
+def _jpeg(path: Path, size: tuple[int, int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=90)
+
+
+def make_dataset(root: Path) -> STLDataset:
+    for seed, (scene_id, size) in enumerate(SCENES.items()):
+        _jpeg(scene_path(root, scene_id), size, seed)
+    for seed, product_id in enumerate(PRODUCTS, start=10):
+        _jpeg(product_path(root, product_id), (48, 64), seed)
+    (root / "categories.json").write_text(json.dumps(PRODUCTS))
+    write_pairs(root / "pairs.jsonl", PAIRS)
+    return STLDataset.open(root)
+
+
+@pytest.fixture()
+def dataset(tmp_path) -> STLDataset:
+    return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return Embedder(load_backbone("tiny"), context=0.1, device="cpu")
+
+
+def _direct(embedder: Embedder, dataset: STLDataset, pairs, products) -> tuple[np.ndarray, np.ndarray]:
+    scenes = torch.stack([embedder.transform(load_image(dataset.scene_path(p.scene_id)), p.bbox) for p in pairs])
+    items = torch.stack([embedder.transform(load_image(dataset.product_path(pid))) for pid in products])
+    return embedder.backbone_features(scenes).numpy(), embedder.backbone_features(items).numpy()
+
+
+def test_scene_key_rounds_bbox_to_six_decimals():
+    assert scene_key(Pair("abc", "p", (0.1, 0.2, 0.30000001, 1.0))) == "abc@0.100000,0.200000,0.300000,1.000000"
+    assert scene_key(Pair("abc", "p", (0.1, 0.2, 0.3, 1.0))) == scene_key(Pair("abc", "q", (0.1, 0.2, 0.3, 1.0)))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_features_equal_direct_extraction(dataset, embedder, tmp_path, workers):
+    cached = cache_features(dataset, embedder, tmp_path / "cache", batch_size=2, workers=workers, progress=False)
+    products = dataset.catalogue()
+    scene_expected, product_expected = _direct(embedder, dataset, dataset.pairs, products)
+    scenes = cached.scene_features(dataset.pairs)
+    assert scenes.dtype == np.float32 and scenes.shape == (5, 32)
+    np.testing.assert_allclose(scenes, scene_expected, atol=1e-5)
+    np.testing.assert_allclose(cached.product_features(products), product_expected, atol=1e-5)
+    # order follows the request, not the cache
+    np.testing.assert_allclose(cached.product_features(["p4", "p1"]), product_expected[[3, 0]], atol=1e-5)
+    assert cached.computed == 4 + 4  # 4 distinct scene crops (one shared by two pairs) + 4 products
+    assert cached.n_scenes == 4 and cached.n_products == 4
+    assert cached.directory == cache_dir(tmp_path / "cache", embedder)
+    assert cached.directory.name.startswith(f"tiny-{embedder.backbone.weights_sha256[:12]}-")
+
+
+def test_second_call_is_a_full_hit(dataset, embedder, tmp_path):
+    first = cache_features(dataset, embedder, tmp_path / "cache", batch_size=3, workers=0, progress=False)
+    second = cache_features(dataset, embedder, tmp_path / "cache", batch_size=3, workers=0, progress=False)
+    assert first.computed == 8 and second.computed == 0
+    assert np.array_equal(first.scene_features(dataset.pairs), second.scene_features(dataset.pairs))
+    assert np.array_equal(first.product_features(["p1", "p2"]), second.product_features(["p1", "p2"]))
+    reopened = CachedFeatures.open(first.directory)
+    assert np.array_equal(reopened.product_features(["p3"]), first.product_features(["p3"]))
+    manifest = json.loads((first.directory / "manifest.json").read_text())
+    assert manifest["backbone"] == "tiny" and manifest["dim"] == 32
+    assert manifest["counts"] == {"scene": 4, "product": 4}
+
+
+def test_adding_a_product_computes_only_that_one(dataset, embedder, tmp_path):
+    cache_features(dataset, embedder, tmp_path / "cache", products=["p1", "p2", "p3"], workers=0, progress=False)
+    cached = cache_features(dataset, embedder, tmp_path / "cache", workers=0, progress=False)
+    assert cached.computed == 1
+    _, expected = _direct(embedder, dataset, dataset.pairs, ["p4"])
+    np.testing.assert_allclose(cached.product_features(["p4"]), expected, atol=1e-5)
+    assert cached.n_products == 4
+
+
+def test_other_context_or_preprocessing_gets_another_directory(dataset, embedder, tmp_path):
+    tiny = embedder.backbone
+    base = cache_features(dataset, embedder, tmp_path / "cache", workers=0, progress=False)
+    wider = cache_features(dataset, Embedder(tiny, context=0.3, device="cpu"), tmp_path / "cache", workers=0,
+                           progress=False)
+    drafted = Embedder(tiny, context=0.1, device="cpu", jpeg_draft=True)
+    assert len({base.directory, wider.directory, cache_dir(tmp_path / "cache", drafted)}) == 3
+    assert wider.computed == 8  # nothing reused across preprocessing
+    # context changes scene crops (but not whole-image products)
+    assert not np.allclose(base.scene_features(dataset.pairs[:1]), wider.scene_features(dataset.pairs[:1]))
+    np.testing.assert_allclose(base.product_features(["p1"]), wider.product_features(["p1"]), atol=1e-6)
+
+
+def test_manifest_of_another_embedder_is_refused(dataset, embedder, tmp_path):
+    cached = cache_features(dataset, embedder, tmp_path / "cache", workers=0, progress=False)
+    manifest = json.loads((cached.directory / "manifest.json").read_text())
+    manifest["backbone_weights_sha256"] = "0" * 64
+    (cached.directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FeatureCacheError, match="backbone_weights_sha256"):
+        cache_features(dataset, embedder, tmp_path / "cache", workers=0, progress=False)
+
+
+def test_interrupted_run_resumes_to_the_same_result(dataset, embedder, tmp_path, monkeypatch):
+    reference = cache_features(dataset, embedder, tmp_path / "reference", batch_size=3, workers=0, progress=False)
+
+    real = Embedder.backbone_features
+    calls = {"n": 0}
+
+    def crash_after_first_chunk(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(self, batch)
+
+    monkeypatch.setattr(Embedder, "backbone_features", crash_after_first_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        cache_features(dataset, embedder, tmp_path / "cache", batch_size=3, workers=0, progress=False)
+    monkeypatch.setattr(Embedder, "backbone_features", real)
+
+    partial = CachedFeatures.open(cache_dir(tmp_path / "cache", embedder))
+    assert partial.n_scenes == 3 and partial.n_products == 0  # exactly the first chunk survived
+    resumed = cache_features(dataset, embedder, tmp_path / "cache", batch_size=3, workers=0, progress=False)
+    assert resumed.computed == 8 - 3
+    assert np.array_equal(resumed.scene_features(dataset.pairs), reference.scene_features(dataset.pairs))
+    products = dataset.catalogue()
+    assert np.array_equal(resumed.product_features(products), reference.product_features(products))
+
+
+def test_torn_keys_line_is_not_committed(dataset, embedder, tmp_path):
+    cached = cache_features(dataset, embedder, tmp_path / "cache", products=[], workers=0, progress=False)
+    keys_file = next(cached.directory.glob("scene-*.keys"))
+    with keys_file.open("a") as out:
+        out.write("s9@0.0")  # a kill in the middle of appending a key
+    again = cache_features(dataset, embedder, tmp_path / "cache", workers=0, progress=False)
+    assert again.computed == 4 and again.n_scenes == 4 and not again.has_scene(Pair("s9", "p", (0, 0, 1, 1)))
+
+
+def test_many_segments_are_merged(dataset, embedder, tmp_path, monkeypatch):
+    monkeypatch.setattr(features_module, "MAX_SEGMENTS", 2)
+    for count in range(1, 5):
+        cached = cache_features(dataset, embedder, tmp_path / "cache", pairs=[], products=list(PRODUCTS)[:count],
+                                workers=0, progress=False)
+    cached = cache_features(dataset, embedder, tmp_path / "cache", pairs=[], workers=0, progress=False)
+    assert cached.computed == 0
+    assert len(list(cached.directory.glob("product-*.npy"))) <= 2
+    _, expected = _direct(embedder, dataset, dataset.pairs[:1], list(PRODUCTS))
+    np.testing.assert_allclose(cached.product_features(list(PRODUCTS)), expected, atol=1e-5)
+
+
+def test_unreadable_image_is_recorded_and_not_retried(dataset, embedder, tmp_path):
+    dataset.product_path("p2").write_bytes(b"\xff\xd8 broken jpeg")
+    cached = cache_features(dataset, embedder, tmp_path / "cache", workers=0, progress=False)
+    assert cached.computed == 7 and not cached.has_product("p2") and cached.has_product("p1")
+    assert "p2" in cached.failed_products
+    with pytest.raises(MissingFeatures, match="p2.*extraction failed"):
+        cached.product_features(["p1", "p2"])
+    assert cache_features(dataset, embedder, tmp_path / "cache", workers=0, progress=False).computed == 0
+
+
+def test_cli_extracts_and_reports(dataset, tmp_path, capsys):
+    argv = ["--data", str(dataset.root), "--cache", str(tmp_path / "cache"), "--backbone", "tiny",
+            "--batch-size", "4", "--workers", "0", "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["computed"] == 8 and report["scene_crops"] == 4 and report["products"] == 4
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["computed"] == 0
+    assert main(["--data", str(tmp_path / "nowhere"), "--cache", str(tmp_path / "c"), "--backbone", "tiny"]) == 2
+    assert "error:" in capsys.readouterr().out

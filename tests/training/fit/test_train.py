@@ -1,0 +1,84 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.data.synth import plan as synth
+from training.fit import run as train
+from training.model.checkpoint import load_checkpoint
+from training.model.embedder import Embedder
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("stl") / "tiny"
+    assert synth.main(["--out", str(root), "--scenes", "60", "--products", "40", "--seed", "1", "--workers", "1",
+                       "--no-progress"]) == 0
+    return root
+
+
+def _args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--out", str(out), "--backbone", "tiny", "--device", "cpu", "--epochs", "2",
+            "--batch-size", "16", "--workers", "0", "--no-progress", "--cache", str(out.parent / "cache"), *extra]
+
+
+@pytest.mark.slow
+def test_train_cli_end_to_end(tiny_data, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert train.main(_args(tiny_data, out, "--dim", "16", "--context", "0.2")) == 0
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "val (" in printed and "test (" in printed
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["backbone"] == "tiny" and config["dim"] == 16 and config["context"] == 0.2
+    log = json.loads((out / "train_log.json").read_text())
+    assert [record["epoch"] for record in log["history"]] == [1, 2]
+    assert 0.0 <= log["metrics"]["val"]["hr@10"] <= 1.0
+
+    checkpoint = load_checkpoint(out / "head.pt")
+    assert checkpoint.backbone_name == "tiny" and checkpoint.train_config["args"] == config
+    assert len(checkpoint.data_fingerprint) == 64
+    assert checkpoint.metrics["val"] == log["metrics"]["val"]
+    embedder = Embedder.from_checkpoint(out / "head.pt", device="cpu")
+    assert embedder.dim == 16 and embedder.preprocess.context == 0.2
+    vectors = embedder.project(torch.randn(3, embedder.backbone.dim), "scene")
+    assert vectors.shape == (3, 16)
+    assert torch.allclose(torch.linalg.norm(torch.as_tensor(vectors), dim=1), torch.ones(3), atol=1e-5)
+
+    # Same arguments again: the complete checkpoint is reused, nothing is rewritten.
+    modified = (out / "head.pt").stat().st_mtime_ns
+    assert train.main(_args(tiny_data, out, "--dim", "16", "--context", "0.2")) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert (out / "head.pt").stat().st_mtime_ns == modified
+
+    # --force retrains from the cached features, and the same seed gives the same weights.
+    assert train.main(_args(tiny_data, out, "--dim", "16", "--context", "0.2", "--force")) == 0
+    again = load_checkpoint(out / "head.pt")
+    assert all(torch.equal(checkpoint.state_dict[key], again.state_dict[key]) for key in checkpoint.state_dict)
+
+
+@pytest.mark.slow
+def test_changed_config_retrains(tiny_data, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert train.main(_args(tiny_data, out, "--epochs", "1")) == 0
+    assert train.main(_args(tiny_data, out, "--epochs", "1", "--separate-heads", "--loss", "l2")) == 0
+    assert "up to date" not in capsys.readouterr().out
+    checkpoint = load_checkpoint(out / "head.pt")
+    assert checkpoint.head_config.separate and checkpoint.train_config["trainer"]["loss"] == "l2"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--epochs", "0"], "--epochs must be >= 1"), (["--dropout", "1.5"], "--dropout"),
+     (["--backbone", "nope"], "unknown backbone")],
+)
+def test_bad_arguments_are_clear_errors(tiny_data, tmp_path, capsys, extra, message) -> None:
+    assert train.main(_args(tiny_data, tmp_path / "run", *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "head.pt").exists()
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, capsys) -> None:
+    assert train.main(_args(tmp_path / "absent", tmp_path / "run")) == 2
+    assert "cannot open dataset" in capsys.readouterr().err

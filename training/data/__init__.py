@@ -1,0 +1,1 @@
+"""The data layer: the STL format, splits, the image fetcher, the synthetic catalogue, popularity."""

@@ -1,0 +1,1 @@
+"""The synthetic STL-format catalogue: `plan` samples it, `draw` renders it."""

@@ -1,0 +1,1 @@
+"""Evaluation: ranking metrics (HR@K, AUC), rankers to compare, plots."""

@@ -1,0 +1,492 @@
+"""Frozen-backbone feature cache: every scene crop and product image goes through the backbone once.
+
+The backbone never trains, so its pooled features depend only on (backbone, weights, preprocessing). They
+live in `cache_root/<backbone>-<weights_sha[:12]>-<preprocess_sha[:12]>/`:
+
+- `manifest.json`: what produced the features (checked on every open) and row counts;
+- `<kind>-<seq>.npy` + `<kind>-<seq>.keys`: a float32 [rows, dim] memmap and one key per line. A segment
+  is written chunk by chunk: rows are flushed to the .npy first, then their keys are appended to the
+  .keys file, so a key is only ever listed once its row is on disk. A run killed half-way keeps every
+  finished chunk and the next run computes only what is missing (it appends a new segment);
+- `failed.jsonl`: images that cannot be decoded or cropped, so later runs do not retry them forever.
+
+`kind` is `scene` (key: scene id + bbox, see `scene_key`) or `product` (key: product id).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from training.data.stl import BBox, Pair, STLDataset, STLFormatError
+from training.io import write_text_atomic
+from training.model.backbones import BackboneUnavailable, available, load_backbone
+from training.model.embedder import Embedder, Preprocess, load_crop
+
+LOG = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+MANIFEST_FILE = "manifest.json"
+FAILED_FILE = "failed.jsonl"
+LOCK_FILE = ".lock"
+DTYPE = np.float32
+# Every incremental run adds a segment; past this many per kind they are merged so opens stay cheap.
+MAX_SEGMENTS = 16
+FeatureKind = Literal["scene", "product"]
+KINDS: tuple[FeatureKind, ...] = ("scene", "product")
+_SEGMENT_RE = re.compile(r"^(scene|product)-(\d{6})\.npy$")
+# Decode/crop problems that belong to the image itself: recorded and never retried. A missing or
+# unreadable file (FileNotFoundError, PermissionError) may be fixed, so it is reported but retried.
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_TRANSIENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError)
+
+
+class FeatureCacheError(RuntimeError):
+    """The cache directory belongs to another backbone/preprocessing, or its files are unreadable."""
+
+
+class MissingFeatures(KeyError):
+    """Features were asked for an image that is not in the cache (never extracted, or it failed)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+def scene_key(pair: Pair) -> str:
+    """Cache key of a scene crop: scene id + bbox rounded to 6 decimals (pairs sharing a crop share it)."""
+    return f"{pair.scene_id}@" + ",".join(f"{value:.6f}" for value in pair.bbox)
+
+
+def cache_dir(cache_root: str | Path, embedder: Embedder) -> Path:
+    backbone = embedder.backbone
+    return Path(cache_root) / (
+        f"{backbone.name}-{backbone.weights_sha256[:12]}-{embedder.preprocess.sha256()[:12]}"
+    )
+
+
+def _fingerprint(embedder: Embedder) -> dict:
+    """What the cached features depend on: not the head, not the device."""
+    return {
+        "format": CACHE_FORMAT,
+        "backbone": embedder.backbone.name,
+        "backbone_weights_sha256": embedder.backbone.weights_sha256,
+        "preprocess": embedder.preprocess.to_dict(),
+        "dim": embedder.backbone.dim,
+        "dtype": np.dtype(DTYPE).name,
+    }
+
+
+@contextlib.contextmanager
+def _locked(directory: Path, exclusive: bool) -> Iterator[None]:
+    """flock the cache directory: one writer at a time, readers never see a merge half-done."""
+    with (directory / LOCK_FILE).open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read_keys(path: Path) -> list[str]:
+    """Committed keys of a segment; a line torn by a kill (no trailing newline) is not committed."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    lines = text.split("\n")
+    return lines[:-1]  # the last element is "" after a complete line, or a torn line
+
+
+def _segments(directory: Path, kind: FeatureKind) -> list[Path]:
+    return sorted(p for p in directory.glob(f"{kind}-*.npy") if _SEGMENT_RE.match(p.name))
+
+
+def _next_seq(directory: Path) -> int:
+    numbers = [int(m[2]) for p in directory.glob("*.npy") if (m := _SEGMENT_RE.match(p.name))]
+    return max(numbers, default=0) + 1
+
+
+class _Table:
+    """One kind's features across its segments: key -> row, gathered into plain arrays on request."""
+
+    def __init__(self, directory: Path, kind: FeatureKind, dim: int) -> None:
+        self.kind = kind
+        self.arrays: list[np.ndarray] = []
+        self.index: dict[str, tuple[int, int]] = {}
+        for path in _segments(directory, kind):
+            keys = _read_keys(path.with_suffix(".keys"))
+            if not keys:
+                continue
+            try:
+                array = np.load(path, mmap_mode="r")  # mmap: the cache may be larger than RAM
+            except (OSError, ValueError) as exc:
+                raise FeatureCacheError(f"feature segment {path} is unreadable ({exc}); delete {directory}") from exc
+            if array.ndim != 2 or array.shape[1] != dim or array.shape[0] < len(keys):
+                raise FeatureCacheError(
+                    f"feature segment {path} has shape {array.shape} for {len(keys)} keys of dim {dim}; "
+                    f"delete {directory} and extract again"
+                )
+            number = len(self.arrays)
+            self.arrays.append(array)
+            # Later segments win: after a merge interrupted before cleanup a key is in two, with equal rows.
+            self.index.update((key, (number, row)) for row, key in enumerate(keys))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def gather(self, keys: Sequence[str], dim: int, failed: dict[str, str], directory: Path) -> np.ndarray:
+        out = np.empty((len(keys), dim), dtype=DTYPE)
+        if not keys:
+            return out
+        located = np.empty((len(keys), 2), dtype=np.int64)
+        for position, key in enumerate(keys):
+            where = self.index.get(key)
+            if where is None:
+                reason = f" (extraction failed: {failed[key]})" if key in failed else ""
+                raise MissingFeatures(f"no cached {self.kind} features for {key!r} in {directory}{reason}")
+            located[position] = where
+        for number, array in enumerate(self.arrays):
+            positions = np.flatnonzero(located[:, 0] == number)
+            if len(positions):
+                out[positions] = array[located[positions, 1]]
+        return out
+
+
+class CachedFeatures:
+    """Read access to a feature cache directory (memory-mapped; arrays are copied out on request)."""
+
+    def __init__(self, directory: Path, computed: int = 0) -> None:
+        self.directory = Path(directory)
+        manifest_path = self.directory / MANIFEST_FILE
+        try:
+            self.manifest: dict = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FeatureCacheError(f"{self.directory} is not a feature cache (no {MANIFEST_FILE})") from None
+        except json.JSONDecodeError as exc:
+            raise FeatureCacheError(f"{manifest_path} is corrupt: {exc}") from exc
+        self.dim = int(self.manifest["dim"])
+        self.computed = computed  # images this call ran through the backbone (0 on a full cache hit)
+        with _locked(self.directory, exclusive=False):
+            self._tables = {kind: _Table(self.directory, kind, self.dim) for kind in KINDS}
+            self.failed_scenes, self.failed_products = _read_failed(self.directory)
+
+    @classmethod
+    def open(cls, directory: str | Path) -> CachedFeatures:
+        return cls(Path(directory))
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess.from_dict(self.manifest["preprocess"])
+
+    @property
+    def n_scenes(self) -> int:
+        return len(self._tables["scene"])
+
+    @property
+    def n_products(self) -> int:
+        return len(self._tables["product"])
+
+    def has_scene(self, pair: Pair) -> bool:
+        return scene_key(pair) in self._tables["scene"].index
+
+    def has_product(self, product_id: str) -> bool:
+        return product_id in self._tables["product"].index
+
+    def scene_features(self, pairs: Sequence[Pair]) -> np.ndarray:
+        """[n, backbone_dim] float32 backbone features of the pairs' scene crops, in order."""
+        keys = [scene_key(pair) for pair in pairs]
+        return self._tables["scene"].gather(keys, self.dim, self.failed_scenes, self.directory)
+
+    def product_features(self, product_ids: Sequence[str]) -> np.ndarray:
+        """[m, backbone_dim] float32 backbone features of the product images, in order."""
+        return self._tables["product"].gather(list(product_ids), self.dim, self.failed_products, self.directory)
+
+
+def _read_failed(directory: Path) -> tuple[dict[str, str], dict[str, str]]:
+    failed: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
+    path = directory / FAILED_FILE
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").split("\n"):
+            try:
+                record = json.loads(line)
+                failed[record["kind"]][record["key"]] = record["reason"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # empty or torn last line
+    return failed["scene"], failed["product"]
+
+
+@dataclass(frozen=True)
+class _Item:
+    kind: FeatureKind
+    key: str
+    path: str
+    bbox: BBox | None
+
+
+class _ImageFiles(Dataset):
+    """Decode + crop + resize + normalise in DataLoader workers, with the embedder's own preprocessing."""
+
+    def __init__(self, items: Sequence[_Item], preprocess: Preprocess) -> None:
+        self.items = items
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None, bool]:
+        item = self.items[position]
+        try:
+            return position, load_crop(item.path, item.bbox, self.preprocess), None, False
+        except _TRANSIENT_ERRORS as exc:
+            return position, None, f"{type(exc).__name__}: {exc}", True
+        except _IMAGE_ERRORS as exc:
+            return position, None, f"{type(exc).__name__}: {exc}", False
+
+
+def _collate(samples: list[tuple[int, torch.Tensor | None, str | None, bool]]) -> dict:
+    good = [(position, tensor) for position, tensor, _, _ in samples if tensor is not None]
+    return {
+        "positions": [position for position, _ in good],
+        "batch": torch.stack([tensor for _, tensor in good]) if good else None,
+        "errors": [(position, error, transient) for position, _, error, transient in samples if error is not None],
+    }
+
+
+class _SegmentWriter:
+    """Appends rows of one kind to a fresh segment, committing keys only after their rows are flushed."""
+
+    def __init__(self, directory: Path, kind: FeatureKind, seq: int, capacity: int, dim: int) -> None:
+        self.path = directory / f"{kind}-{seq:06d}.npy"
+        self.keys_path = self.path.with_suffix(".keys")
+        self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=DTYPE, shape=(capacity, dim))
+        self.rows = 0
+
+    def append(self, keys: Sequence[str], features: np.ndarray) -> None:
+        if not keys:
+            return
+        self.array[self.rows : self.rows + len(keys)] = features
+        self.array.flush()
+        with self.keys_path.open("a", encoding="utf-8") as out:
+            out.write("".join(f"{key}\n" for key in keys))
+            out.flush()
+            os.fsync(out.fileno())
+        self.rows += len(keys)
+
+    def close(self) -> None:
+        del self.array
+
+
+def _check_manifest(directory: Path, fingerprint: dict) -> None:
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        write_text_atomic(path, json.dumps({**fingerprint, "counts": {}}, indent=2, sort_keys=True))
+        return
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise FeatureCacheError(f"{path} is corrupt ({exc}); delete {directory} and extract again") from exc
+    differing = [name for name in fingerprint if manifest.get(name) != fingerprint[name]]
+    if differing:
+        raise FeatureCacheError(
+            f"feature cache {directory} was written by another backbone or preprocessing "
+            f"(fields {differing} differ); delete it or use another --cache directory"
+        )
+
+
+def _update_counts(directory: Path, fingerprint: dict, counts: dict[str, int]) -> None:
+    manifest = json.dumps({**fingerprint, "counts": counts}, indent=2, sort_keys=True)
+    write_text_atomic(directory / MANIFEST_FILE, manifest)
+
+
+def _cleanup_orphans(directory: Path) -> None:
+    """Remove segments a killed run created before committing any row (holding the writer lock)."""
+    for kind in KINDS:
+        for path in _segments(directory, kind):
+            if not _read_keys(path.with_suffix(".keys")):
+                LOG.info("removing empty segment %s left by an interrupted run", path.name)
+                path.unlink()
+                path.with_suffix(".keys").unlink(missing_ok=True)
+
+
+def _merge_segments(directory: Path, kind: FeatureKind, dim: int) -> None:
+    """Merge a kind's segments into one (holding the writer lock); readers see old or new, never half."""
+    segments = _segments(directory, kind)
+    if len(segments) <= MAX_SEGMENTS:
+        return
+    table = _Table(directory, kind, dim)
+    keys = list(table.index)
+    LOG.info("merging %d %s segments (%d rows)", len(segments), kind, len(keys))
+    seq = _next_seq(directory)
+    merged = directory / f"{kind}-{seq:06d}.npy"
+    array = np.lib.format.open_memmap(merged, mode="w+", dtype=DTYPE, shape=(len(keys), dim))
+    for start in range(0, len(keys), 65536):
+        array[start : start + 65536] = table.gather(keys[start : start + 65536], dim, {}, directory)
+    array.flush()
+    del array, table
+    write_text_atomic(merged.with_suffix(".keys"), "".join(f"{key}\n" for key in keys))
+    for path in segments:
+        path.with_suffix(".keys").unlink(missing_ok=True)  # keys first: a segment without keys is an orphan
+        path.unlink(missing_ok=True)
+
+
+def _record_failures(directory: Path, failures: list[tuple[_Item, str]]) -> None:
+    if not failures:
+        return
+    with (directory / FAILED_FILE).open("a", encoding="utf-8") as out:
+        for item, reason in failures:
+            out.write(json.dumps({"kind": item.kind, "key": item.key, "reason": reason}) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _wanted(dataset: STLDataset, pairs: Sequence[Pair], products: Sequence[str]) -> list[_Item]:
+    """Unique images to have features for: scene crops first, then products, in first-seen order."""
+    items: dict[tuple[str, str], _Item] = {}
+    for pair in pairs:
+        key = scene_key(pair)
+        items.setdefault(("scene", key), _Item("scene", key, str(dataset.scene_path(pair.scene_id)), pair.bbox))
+    for product_id in products:
+        items.setdefault(("product", product_id),
+                         _Item("product", product_id, str(dataset.product_path(product_id)), None))
+    return list(items.values())
+
+
+def cache_features(
+    dataset: STLDataset,
+    embedder: Embedder,
+    cache_root: Path,
+    pairs: Sequence[Pair] | None = None,
+    products: Sequence[str] | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    progress: bool = True,
+) -> CachedFeatures:
+    """Extract the backbone features of every scene crop and product image not yet cached; open the cache.
+
+    `pairs` defaults to `dataset.pairs`, `products` to `dataset.catalogue()`. Images that fail to decode
+    or crop are logged, recorded in `failed.jsonl` and skipped (`CachedFeatures.has_scene` says which).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    pairs = dataset.pairs if pairs is None else pairs
+    products = dataset.catalogue() if products is None else products
+    directory = cache_dir(cache_root, embedder)
+    directory.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(embedder)
+    computed = 0
+    with _locked(directory, exclusive=True):
+        _check_manifest(directory, fingerprint)
+        _cleanup_orphans(directory)
+        for kind in KINDS:
+            _merge_segments(directory, kind, embedder.backbone.dim)
+        existing = {kind: set(_Table(directory, kind, embedder.backbone.dim).index) for kind in KINDS}
+        failed_scenes, failed_products = _read_failed(directory)
+        known_failed = {"scene": failed_scenes, "product": failed_products}
+        missing = [
+            item for item in _wanted(dataset, pairs, products)
+            if item.key not in existing[item.kind] and item.key not in known_failed[item.kind]
+        ]
+        LOG.info("feature cache %s: %d scene crops and %d products cached, %d to extract",
+                 directory, len(existing["scene"]), len(existing["product"]), len(missing))
+        if missing:
+            computed = _extract(directory, embedder, missing, batch_size, workers, progress)
+            counts = {kind: len(_Table(directory, kind, embedder.backbone.dim)) for kind in KINDS}
+            _update_counts(directory, fingerprint, counts)
+    return CachedFeatures(directory, computed=computed)
+
+
+def _extract(directory: Path, embedder: Embedder, missing: list[_Item], batch_size: int, workers: int,
+             progress: bool) -> int:
+    seq = _next_seq(directory)
+    writers: dict[str, _SegmentWriter] = {}
+    for offset, kind in enumerate(KINDS):
+        capacity = sum(item.kind == kind for item in missing)
+        if capacity:
+            writers[kind] = _SegmentWriter(directory, kind, seq + offset, capacity, embedder.backbone.dim)
+    loader = DataLoader(
+        _ImageFiles(missing, embedder.preprocess),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=embedder.device.type == "cuda",
+        # Workers decode the next batches while the backbone runs; 2 batches ahead hides decode jitter.
+        prefetch_factor=2 if workers > 0 else None,
+    )
+    computed, failures_seen = 0, 0
+    try:
+        with tqdm(total=len(missing), unit="img", desc="features", disable=not progress) as bar:
+            for chunk in loader:
+                failures = [(missing[position], error, transient) for position, error, transient in chunk["errors"]]
+                for item, error, _ in failures:
+                    LOG.warning("skipping %s %s (%s): %s", item.kind, item.key, item.path, error)
+                _record_failures(directory, [(item, error) for item, error, transient in failures if not transient])
+                failures_seen += len(failures)
+                if chunk["batch"] is not None:
+                    features = embedder.backbone_features(chunk["batch"]).numpy()
+                    positions = np.asarray(chunk["positions"])
+                    for kind, writer in writers.items():
+                        rows = [i for i, position in enumerate(positions) if missing[position].kind == kind]
+                        writer.append([missing[positions[i]].key for i in rows], features[rows])
+                    computed += len(positions)
+                bar.update(len(chunk["positions"]) + len(chunk["errors"]))
+    finally:
+        for writer in writers.values():
+            writer.close()
+    if failures_seen:
+        LOG.warning("%d of %d images could not be read or cropped; see %s", failures_seen, len(missing),
+                    directory / FAILED_FILE)
+    return computed
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training features", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="STL dataset directory")
+    parser.add_argument("--cache", type=Path, required=True, help="feature cache root")
+    parser.add_argument("--backbone", default="efficientnet_lite0", choices=available())
+    parser.add_argument("--backbone-weights", type=Path, default=None, help="weights file overriding the default")
+    parser.add_argument("--context", type=float, default=0.1,
+                        help="fraction of the bbox's size added on each side of a scene crop")
+    parser.add_argument("--jpeg-draft", action="store_true",
+                        help="decode big JPEGs at reduced scale when the crop allows (faster, slightly "
+                             "different pixels: part of the cache key)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2, help="decoding worker processes (0: in process)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        dataset = STLDataset.open(args.data, on_error="skip")
+        backbone = load_backbone(args.backbone, args.backbone_weights)
+        embedder = Embedder(backbone, context=args.context, device=args.device, jpeg_draft=args.jpeg_draft)
+        cached = cache_features(dataset, embedder, args.cache, batch_size=args.batch_size, workers=args.workers,
+                                progress=not args.no_progress)
+    except (FileNotFoundError, STLFormatError, BackboneUnavailable, FeatureCacheError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
+    print(json.dumps({
+        "cache": str(cached.directory),
+        "scene_crops": cached.n_scenes,
+        "products": cached.n_products,
+        "computed": cached.computed,
+        "failed": len(cached.failed_scenes) + len(cached.failed_products),
+    }, indent=2))
+    return 0

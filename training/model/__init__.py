@@ -1,0 +1,1 @@
+"""The model: preprocessing, backbones, the head, the one embedder, checkpoints."""
