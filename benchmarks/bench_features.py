@@ -25,7 +25,8 @@ from PIL import Image
 from training.data.stl import CategoryMap, Pair, STLDataset, product_path, scene_path, write_pairs
 from training.fit.features import cache_features
 from training.model.backbones import available, load_backbone
-from training.model.embedder import Embedder, load_crop
+from training.model.embedder import Embedder
+from training.model.preprocess import load_crop
 
 LOG = logging.getLogger(__name__)
 DEFAULT_OUT = Path(__file__).parent / "results" / "features.json"

@@ -25,9 +25,9 @@ from index.ann import RECALL_K, build_index, choose_spec, exact_neighbours, reca
 from index.artifact import CategoryIndex, open_artifact
 from index.build import build
 from training.model.backbones import load_backbone
-from training.model.checkpoint import Checkpoint, save_checkpoint
-from training.model.embedder import Embedder, Preprocess, load_crop
+from training.model.checkpoint import Checkpoint, load_embedder, save_checkpoint
 from training.model.head import CompatibilityHead, HeadConfig
+from training.model.preprocess import Preprocess, load_crop
 
 LOG = logging.getLogger(__name__)
 RESULTS = Path(__file__).parent / "results" / "index.json"
@@ -99,7 +99,7 @@ def bench_build(workdir: Path, products: int, batch_size: int, workers: int) -> 
     checkpoint = workdir / "model.pt"
     save_checkpoint(checkpoint, Checkpoint(head.config, head.state_dict(), backbone.name, backbone.weights_sha256,
                                            Preprocess(backbone.image_size, backbone.mean, backbone.std, 0.1)))
-    embedder = Embedder.from_checkpoint(checkpoint, "auto")
+    embedder = load_embedder(checkpoint, "auto")
     paths = sorted((data / "images" / "products").glob("*.jpg"))
     tensors = torch.stack([load_crop(path, None, embedder.preprocess) for path in paths])  # pre-decoded
     embedder.backbone_features(tensors[:batch_size])  # warm-up (oneDNN primitive creation)

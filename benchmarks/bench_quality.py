@@ -28,6 +28,7 @@ from training.eval.rankers import EmbeddingRanker, PopularityRanker, evaluate_mo
 from training.fit import run as train
 from training.fit.features import cache_features
 from training.model.backbones import load_backbone
+from training.model.checkpoint import load_embedder
 from training.model.embedder import Embedder
 
 LOG = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = STLDataset.open(args.data)
     split = split_by_scene(dataset.pairs, seed=args.split_seed)
     popularity = Popularity.from_pairs(split.train, dataset.categories)
-    head_embedder = Embedder.from_checkpoint(args.run / train.HEAD_FILE, args.device)
+    head_embedder = load_embedder(args.run / train.HEAD_FILE, args.device)
     knn_embedder = Embedder(load_backbone(args.backbone), None, head_embedder.preprocess.context, args.device)
     features = cache_features(dataset, knn_embedder, args.data / ".cache" / "features", pairs=split.test,
                               progress=False)

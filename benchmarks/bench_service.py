@@ -48,9 +48,10 @@ from training.data.popularity import Popularity
 from training.data.stl import CategoryMap
 from training.data.synth.plan import FALLBACK_CATEGORIES
 from training.model.backbones import load_backbone
-from training.model.checkpoint import Checkpoint, save_checkpoint
-from training.model.embedder import Embedder, Preprocess
+from training.model.checkpoint import Checkpoint, load_embedder, save_checkpoint
+from training.model.embedder import Embedder
 from training.model.head import CompatibilityHead, HeadConfig
+from training.model.preprocess import Preprocess
 
 LOG = logging.getLogger(__name__)
 RESULTS = Path(__file__).parent / "results" / "service.json"
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         args.backbone_weights = random_resnet50(work / "resnet50-random.pth") if args.backbone == "resnet50" else None
         checkpoint = make_checkpoint(work / "head.pt", backbone_name=args.backbone, weights=args.backbone_weights)
-        embedder = Embedder.from_checkpoint(checkpoint, "cpu", args.backbone_weights)
+        embedder = load_embedder(checkpoint, "cpu", args.backbone_weights)
         root = work / "artifacts"
         started = time.perf_counter()
         version = make_artifact(root, checkpoint, embedder)

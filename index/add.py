@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -17,13 +16,12 @@ from index.artifact import ArtifactError
 from index.edit import changed, derive, open_current, unchanged
 from index.embed import embed_product_files
 from index.publish import DEFAULT_KEEP, build_lock
-from training.data.stl import CategoryMap
-from training.model.checkpoint import CheckpointMismatch
-from training.model.embedder import Embedder
+from training.data.stl import CategoryMap, is_valid_id
+from training.model.checkpoint import CheckpointMismatch, load_embedder
 
 LOG = logging.getLogger(__name__)
 
-_ID_RE = re.compile(r"^[0-9a-zA-Z_-]{1,128}$")  # the STL id rule (training.data.stl), ids become file names
+
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,7 @@ def validate(products: list[NewProduct], catalogue: CategoryMap) -> list[NewProd
     """Resolve categories to full paths; every problem of every product in one clear error."""
     problems, resolved, seen = [], [], set()
     for product in products:
-        if not _ID_RE.match(product.id):
+        if not is_valid_id(product.id):
             problems.append(f"{product.id!r}: invalid id (letters, digits, _ and - only, at most 128)")
         elif product.id in catalogue:
             problems.append(f"{product.id}: already in the index (category {catalogue.of(product.id)!r})")
@@ -89,7 +87,7 @@ def add_products(root: Path, products: list[NewProduct], device: str = "auto", k
         records = artifact.products()
         catalogue = CategoryMap({record["id"]: record["category"] for record in records})
         products = validate(products, catalogue)
-        embedder = Embedder.from_checkpoint(artifact.checkpoint_path, device)
+        embedder = load_embedder(artifact.checkpoint_path, device)
         artifact.check_embedder(embedder.fingerprint())
         vectors, readable = embed_product_files(embedder, [p.image for p in products], batch_size, workers=0,
                                                 progress=False)

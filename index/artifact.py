@@ -21,7 +21,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from training.model.checkpoint import file_sha256
+from training.io import file_sha256
 
 LOG = logging.getLogger(__name__)
 

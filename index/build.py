@@ -21,7 +21,8 @@ from index.writer import CategoryData, new_version, write_version
 from training.data.popularity import Popularity
 from training.data.split import split_by_scene
 from training.data.stl import CategoryMap, STLDataset, STLFormatError
-from training.model.checkpoint import CheckpointMismatch, file_sha256, load_checkpoint
+from training.io import file_sha256
+from training.model.checkpoint import CheckpointMismatch, load_checkpoint, load_embedder
 from training.model.embedder import Embedder
 
 LOG = logging.getLogger(__name__)
@@ -40,12 +41,8 @@ def data_fingerprint(dataset: STLDataset, catalogue: list[str]) -> str:
 
 
 def split_seed_of(checkpoint: Path) -> int:
-    """The split seed training used (recorded in the checkpoint's train config), else split_by_scene's default."""
-    config = load_checkpoint(checkpoint).train_config
-    for key in ("split_seed", "seed"):
-        if isinstance(config.get(key), int):
-            return int(config[key])
-    return 0
+    """The split seed training used, from the checkpoint's typed train record."""
+    return load_checkpoint(checkpoint).train_config.split_seed
 
 
 def embed_catalogue(dataset: STLDataset, catalogue: list[str], embedder: Embedder, cache: Path | None,
@@ -91,7 +88,7 @@ def build(
         catalogue = dataset.catalogue()
         if not catalogue:
             raise ArtifactError(f"{data} has no product with both a category and an image; nothing to index")
-        embedder = Embedder.from_checkpoint(checkpoint, device)
+        embedder = load_embedder(checkpoint, device)
         LOG.info("embedding %d products on %s (faiss GPUs: %d)", len(catalogue), embedder.device,
                  faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0)
         embed_started = time.perf_counter()

@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from training.model.embedder import Embedder, Preprocess, load_crop
+from training.model.embedder import Embedder
+from training.model.preprocess import Preprocess, load_crop
 
 LOG = logging.getLogger(__name__)
 

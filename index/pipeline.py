@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from training.data.stl import PAIRS_FILE, UPSTREAM_PAIRS_FILES
-from training.model.checkpoint import file_sha256
+from training.io import file_sha256
 
 LOG = logging.getLogger(__name__)
 

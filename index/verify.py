@@ -11,7 +11,8 @@ from pathlib import Path
 
 from index.ann import RECALL_K, RECALL_TARGET, leave_one_out_recall, tuning_rows
 from index.artifact import Artifact, ArtifactError, open_artifact
-from training.model.checkpoint import CheckpointMismatch, file_sha256, load_checkpoint
+from training.io import file_sha256
+from training.model.checkpoint import CheckpointMismatch, load_checkpoint
 
 LOG = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from index.ann import (
 )
 from index.artifact import CHECKPOINT_FILE, FORMAT_VERSION, MANIFEST_FILE, POPULARITY_FILE, PRODUCTS_FILE
 from training.data.popularity import Popularity
-from training.model.checkpoint import file_sha256
+from training.io import file_sha256
 
 LOG = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ from typing import Literal, Protocol
 import torch
 
 from index.artifact import ArtifactError, CategoryIndex, current_version, open_artifact
-from service.categories import CategoryResolver
 from service.settings import Settings
+from training.data.stl import CategoryResolver
+from training.model.checkpoint import load_embedder
 from training.model.embedder import Embedder
 
 LOG = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def load_engine(settings: Settings, version: str | None = None) -> Engine:
     indexes: dict[str, CategoryIndex] = {}
     try:
         checkpoint = settings.checkpoint or artifact.checkpoint_path
-        embedder = Embedder.from_checkpoint(checkpoint, settings.device, settings.backbone_weights)
+        embedder = load_embedder(checkpoint, settings.device, settings.backbone_weights)
         artifact.check_embedder(embedder.fingerprint())
         indexes = artifact.load_indexes()
         # One forward pass now: a broken model fails here, at load time, not on the first user.

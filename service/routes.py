@@ -14,7 +14,6 @@ import torch
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile
 
 from index.artifact import ArtifactError, CategoryIndex
-from service.categories import UnknownCategory
 from service.deps import AdminDep, EngineDep, Services, ServicesDep
 from service.engine import Engine, load_engine
 from service.images import BadInput, decode_image, parse_bbox
@@ -30,8 +29,8 @@ from service.schemas import (
     Strategy,
 )
 from service.threads import run_in_own_thread
-from training.data.stl import BBox
-from training.model.embedder import CropTooSmall, bbox_to_pixels
+from training.data.stl import BBox, UnknownCategory
+from training.model.preprocess import CropTooSmall, bbox_to_pixels
 
 LOG = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from training.model.backbones import load_backbone
-from training.model.checkpoint import Checkpoint, save_checkpoint
-from training.model.embedder import Preprocess
+from training.model.checkpoint import Checkpoint, TrainRecord, save_checkpoint
 from training.model.head import CompatibilityHead, HeadConfig
+from training.model.preprocess import Preprocess
 
 
 def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
@@ -27,7 +27,7 @@ def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
         backbone_name=backbone.name,
         backbone_weights_sha256=backbone.weights_sha256,
         preprocess=Preprocess(backbone.image_size, backbone.mean, backbone.std, 0.1),
-        train_config={"split_seed": 0},
+        train_config=TrainRecord(split_seed=0),
     ))
     return path
 

@@ -1,7 +1,8 @@
-"""Write files so that a reader (or a crash) never sees half of one: temp file beside it, then rename."""
+"""File helpers, one of each: atomic writes (temp file beside the target, then rename) and file checksums."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -29,3 +30,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         out.write(text)
         out.flush()
         os.fsync(out.fileno())
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (checkpoints and indexes can be large)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as source:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -19,7 +19,7 @@ from index.artifact import (
 from index.build import main as build_main
 from training.data.split import split_by_scene
 from training.data.stl import STLDataset
-from training.model.embedder import Embedder
+from training.model.checkpoint import load_embedder
 
 from .conftest import CATEGORIES, make_checkpoint
 
@@ -36,7 +36,7 @@ def test_round_trip_keeps_every_product_and_finds_itself(artifacts: Path, datase
     for category, index in indexes.items():
         assert sorted(index.product_ids) == dataset.categories.products_in(category)
     # Querying with a product's own embedding (from a fresh embedder) returns it first with score ~1.
-    embedder = Embedder.from_checkpoint(artifact.checkpoint_path, "cpu")
+    embedder = load_embedder(artifact.checkpoint_path, "cpu")
     artifact.check_embedder(embedder.fingerprint())
     shoes = indexes["Apparel & Accessories|Shoes"]
     pid = shoes.product_ids[3]
@@ -50,7 +50,7 @@ def test_round_trip_keeps_every_product_and_finds_itself(artifacts: Path, datase
 def test_manifest_describes_the_build(artifacts: Path, checkpoint_path: Path) -> None:
     artifact = open_artifact(artifacts)
     manifest = artifact.manifest
-    embedder = Embedder.from_checkpoint(checkpoint_path, "cpu")
+    embedder = load_embedder(checkpoint_path, "cpu")
     assert manifest["embedder"] == embedder.fingerprint()
     assert manifest["backbone"] == "tiny" and manifest["dim"] == 16 and manifest["metric"] == "inner_product"
     assert manifest["product_count"] == sum(CATEGORIES.values())
@@ -74,7 +74,7 @@ def test_popularity_counts_only_training_pairs(artifacts: Path, dataset_dir: Pat
 
 def test_mismatched_embedder_is_refused(artifacts: Path, tmp_path: Path) -> None:
     artifact = open_artifact(artifacts)
-    other = Embedder.from_checkpoint(make_checkpoint(tmp_path / "other.pt", seed=1), "cpu")
+    other = load_embedder(make_checkpoint(tmp_path / "other.pt", seed=1), "cpu")
     with pytest.raises(IndexMismatch, match="head_sha256"):
         artifact.check_embedder(other.fingerprint())
     changed = {**artifact.fingerprint(), "dim": 32, "backbone": "resnet50"}

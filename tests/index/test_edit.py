@@ -12,7 +12,7 @@ from index.add import main as add_main
 from index.artifact import current_version, list_versions, open_artifact
 from index.build import build
 from index.remove import main as remove_main
-from training.model.embedder import Embedder
+from training.model.checkpoint import load_embedder
 
 from .conftest import draw_image
 
@@ -20,7 +20,7 @@ SHOES = "Apparel & Accessories|Shoes"
 
 
 def _embed(artifacts: Path, image: Path) -> np.ndarray:
-    embedder = Embedder.from_checkpoint(open_artifact(artifacts).checkpoint_path, "cpu")
+    embedder = load_embedder(open_artifact(artifacts).checkpoint_path, "cpu")
     return embedder.embed([embedder.load_image(image)], None, "product")
 
 

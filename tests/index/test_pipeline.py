@@ -9,7 +9,7 @@ import pytest
 
 from index import pipeline
 from index.artifact import current_version, open_artifact
-from training.model.checkpoint import file_sha256
+from training.io import file_sha256
 
 
 def _argv(tmp_path: Path, *extra: str) -> list[str]:

@@ -12,13 +12,13 @@ from index.artifact import open_artifact
 from service.app import create_app
 from service.images import parse_bbox
 from tests.service.conftest import BAGS, CATEGORIES, PANTS, SHOES, make_settings, post, scene_jpeg
-from training.model.embedder import Embedder
+from training.model.checkpoint import load_embedder
 
 
 def direct_search(root: Path, image: bytes, bbox: str | None, category: str, k: int) -> list[tuple[str, float]]:
     """What the service should answer, computed without it: shared embedder + that category's index."""
     artifact = open_artifact(root)
-    embedder = Embedder.from_checkpoint(artifact.checkpoint_path, "cpu")
+    embedder = load_embedder(artifact.checkpoint_path, "cpu")
     box = parse_bbox(bbox)
     crop = embedder.transform(embedder.load_image(image, box), box)
     vector = embedder.embed_batch(crop[None], "scene")

@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
 import httpx
 from PIL import Image
@@ -38,6 +37,7 @@ from training.data.stl import (
     PRODUCTS_DIR,
     SCENES_DIR,
     CategoryMap,
+    Kind,
     LoadReport,
     Pair,
     STLDataset,
@@ -55,7 +55,6 @@ TEMP_SUFFIX = ".part"
 # 408/429 are the server asking us to come back later; every 5xx is treated as transient too.
 RETRY_STATUSES = frozenset({408, 425, 429})
 
-Kind = Literal["scene", "product"]
 
 
 class FetchSettings(BaseSettings):

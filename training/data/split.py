@@ -7,6 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from training.data.stl import Pair
+from training.errors import DataError
+
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, val, test: the paper's split, used by every command
 
 
 @dataclass(frozen=True)
@@ -24,10 +27,10 @@ def _unit(scene_id: str, seed: int) -> float:
 
 
 def split_by_scene(
-    pairs: Sequence[Pair], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0
+    pairs: Sequence[Pair], fractions: tuple[float, float, float] = SPLIT_FRACTIONS, seed: int = 0
 ) -> Split:
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
+        raise DataError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
     train_cut, val_cut = fractions[0], fractions[0] + fractions[1]
     parts: tuple[list[Pair], list[Pair], list[Pair]] = ([], [], [])
     for pair in pairs:

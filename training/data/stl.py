@@ -7,6 +7,7 @@ upstream `fashion.json`), `categories.json` (`{product_id: "A|B|C"}`, the upstre
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -15,6 +16,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from training.errors import DataError, UnknownCategory
+from training.io import file_sha256
 
 LOG = logging.getLogger(__name__)
 
@@ -29,10 +33,18 @@ IMAGE_SUFFIX = ".jpg"
 
 BBox = tuple[float, float, float, float]
 OnError = Literal["raise", "skip"]
-_ID_RE = re.compile(r"^[0-9a-zA-Z_-]{1,128}$")
+# The two kinds of image: a scene photo (cropped to an item's bbox) or a product picture (used whole).
+Kind = Literal["scene", "product"]
+KINDS: tuple[Kind, ...] = ("scene", "product")
+# Ids become file names (images/products/<id>.jpg), so only these characters: the one id rule.
+ID_PATTERN = re.compile(r"^[0-9a-zA-Z_-]{1,128}$")
 
 
-class STLFormatError(ValueError):
+def is_valid_id(value: object) -> bool:
+    return isinstance(value, str) and ID_PATTERN.match(value) is not None
+
+
+class STLFormatError(DataError):
     """A record of an STL file is invalid; the message names the file and line."""
 
 
@@ -78,15 +90,45 @@ def short_name(category_path: str) -> str:
     return category_path.rsplit("|", 1)[-1]
 
 
+class CategoryResolver:
+    """Category names as people write them: a full STL path, or its short name (the last path part) where
+    that names one path only. The one resolver: the dataset, the index and the service all use it."""
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        self.paths: list[str] = sorted(set(paths))
+        self._known = set(self.paths)
+        self._by_short: dict[str, list[str]] = {}
+        for path in self.paths:
+            self._by_short.setdefault(short_name(path), []).append(path)
+
+    def display_name(self, path: str) -> str:
+        """The short name where it is unambiguous, else the full path."""
+        name = short_name(path)
+        return name if len(self._by_short.get(name, [])) == 1 else path
+
+    def names(self) -> list[str]:
+        return [self.display_name(path) for path in self.paths]
+
+    def resolve(self, name: str) -> str:
+        """Full category path for a full path or a short name; UnknownCategory (a KeyError) listing the known."""
+        name = name.strip()
+        if name in self._known:
+            return name
+        matches = self._by_short.get(name, [])
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise UnknownCategory(f"category {name!r} is ambiguous; use one of the full paths: {matches}")
+        raise UnknownCategory(f"unknown category {name!r}; known categories: {self.names()}")
+
+
 class CategoryMap:
     """product id -> full category path, with short names (last path part) accepted wherever a path is."""
 
     def __init__(self, product_to_path: dict[str, str]) -> None:
         self.product_to_path = dict(product_to_path)
-        self.paths: list[str] = sorted(set(self.product_to_path.values()))
-        self._by_short: dict[str, list[str]] = {}
-        for path in self.paths:
-            self._by_short.setdefault(short_name(path), []).append(path)
+        self.resolver = CategoryResolver(self.product_to_path.values())
+        self.paths: list[str] = self.resolver.paths
         self._products: dict[str, list[str]] = {path: [] for path in self.paths}
         for product_id in sorted(self.product_to_path):
             self._products[self.product_to_path[product_id]].append(product_id)
@@ -118,19 +160,11 @@ class CategoryMap:
         return self.product_to_path[product_id]
 
     def resolve(self, name: str) -> str:
-        """Full category path for a full path or a short name; KeyError listing the known ones."""
-        name = name.strip()
-        if name in self._products:
-            return name
-        matches = self._by_short.get(name, [])
-        if len(matches) == 1:
-            return matches[0]
-        if len(matches) > 1:
-            raise KeyError(f"category {name!r} is ambiguous; use one of the full paths: {matches}")
-        raise KeyError(f"unknown category {name!r}; known categories: {self.short_names()}")
+        """Full category path for a full path or a short name; UnknownCategory (a KeyError) listing the known."""
+        return self.resolver.resolve(name)
 
     def short_names(self) -> list[str]:
-        return [short_name(path) if len(self._by_short[short_name(path)]) == 1 else path for path in self.paths]
+        return self.resolver.names()
 
     def products_in(self, category: str) -> list[str]:
         """Product ids of a category (full path or short name), sorted."""
@@ -190,7 +224,7 @@ def read_pairs(
                 continue
             scene_id, product_id = record["scene"], record["product"]
             bad_id = next(
-                (value for value in (scene_id, product_id) if not isinstance(value, str) or not _ID_RE.match(value)),
+                (value for value in (scene_id, product_id) if not is_valid_id(value)),
                 None,
             )
             if bad_id is not None:
@@ -239,6 +273,23 @@ def _find(root: Path, names: Sequence[str]) -> Path:
     raise FileNotFoundError(f"{root} has none of {list(names)}; is it an STL dataset directory?")
 
 
+def pairs_file(root: str | Path) -> Path:
+    return _find(Path(root), (PAIRS_FILE, *UPSTREAM_PAIRS_FILES))
+
+
+def categories_file(root: str | Path) -> Path:
+    return _find(Path(root), (CATEGORIES_FILE, *UPSTREAM_CATEGORIES_FILES))
+
+
+def dataset_fingerprint(root: str | Path) -> str:
+    """sha256 over a dataset's pair file and category file: which data a head was trained on."""
+    digest = hashlib.sha256()
+    for path in (pairs_file(root), categories_file(root)):
+        digest.update(path.name.encode())
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
 @dataclass
 class STLDataset:
     """A dataset directory: its pairs, categories and images."""
@@ -251,10 +302,10 @@ class STLDataset:
     @classmethod
     def open(cls, root: str | Path, on_error: OnError = "raise", check_images: bool = True) -> STLDataset:
         root = Path(root)
-        categories = CategoryMap.from_file(_find(root, (CATEGORIES_FILE, *UPSTREAM_CATEGORIES_FILES)))
+        categories = CategoryMap.from_file(categories_file(root))
         report = LoadReport()
         pairs = read_pairs(
-            _find(root, (PAIRS_FILE, *UPSTREAM_PAIRS_FILES)),
+            pairs_file(root),
             categories,
             image_root=root if check_images else None,
             on_error=on_error,

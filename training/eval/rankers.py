@@ -33,6 +33,7 @@ from training.eval.metrics import (
     random_hit_rate,
     sample_negatives,
 )
+from training.model.checkpoint import load_embedder
 
 if TYPE_CHECKING:
     from training.model.embedder import Embedder
@@ -302,7 +303,7 @@ def _embedders(args: argparse.Namespace) -> list[tuple[str, Embedder]]:
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"--model {spec!r} is not 'popularity', 'knn' or an existing checkpoint file")
-        embedder = Embedder.from_checkpoint(path, args.device, args.backbone_weights)
+        embedder = load_embedder(path, args.device, args.backbone_weights)
         embedders.append((_unique_name(path.stem, taken), embedder))
     return embedders
 

@@ -25,7 +25,6 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -33,10 +32,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from training.data.stl import BBox, Pair, STLDataset, STLFormatError
+from training.data.stl import KINDS, BBox, Kind, Pair, STLDataset, STLFormatError
+from training.errors import TrainingError
 from training.io import write_text_atomic
 from training.model.backbones import BackboneUnavailable, available, load_backbone
-from training.model.embedder import Embedder, Preprocess, load_crop
+from training.model.embedder import Embedder
+from training.model.preprocess import Preprocess, load_crop
 
 LOG = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ LOCK_FILE = ".lock"
 DTYPE = np.float32
 # Every incremental run adds a segment; past this many per kind they are merged so opens stay cheap.
 MAX_SEGMENTS = 16
-FeatureKind = Literal["scene", "product"]
-KINDS: tuple[FeatureKind, ...] = ("scene", "product")
 _SEGMENT_RE = re.compile(r"^(scene|product)-(\d{6})\.npy$")
 # Decode/crop problems that belong to the image itself: recorded and never retried. A missing or
 # unreadable file (FileNotFoundError, PermissionError) may be fixed, so it is reported but retried.
@@ -56,11 +55,11 @@ _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompression
 _TRANSIENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError)
 
 
-class FeatureCacheError(RuntimeError):
+class FeatureCacheError(TrainingError, RuntimeError):
     """The cache directory belongs to another backbone/preprocessing, or its files are unreadable."""
 
 
-class MissingFeatures(KeyError):
+class MissingFeatures(TrainingError, KeyError):
     """Features were asked for an image that is not in the cache (never extracted, or it failed)."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
@@ -109,7 +108,7 @@ def _read_keys(path: Path) -> list[str]:
     return lines[:-1]  # the last element is "" after a complete line, or a torn line
 
 
-def _segments(directory: Path, kind: FeatureKind) -> list[Path]:
+def _segments(directory: Path, kind: Kind) -> list[Path]:
     return sorted(p for p in directory.glob(f"{kind}-*.npy") if _SEGMENT_RE.match(p.name))
 
 
@@ -121,7 +120,7 @@ def _next_seq(directory: Path) -> int:
 class _Table:
     """One kind's features across its segments: key -> row, gathered into plain arrays on request."""
 
-    def __init__(self, directory: Path, kind: FeatureKind, dim: int) -> None:
+    def __init__(self, directory: Path, kind: Kind, dim: int) -> None:
         self.kind = kind
         self.arrays: list[np.ndarray] = []
         self.index: dict[str, tuple[int, int]] = {}
@@ -229,7 +228,7 @@ def _read_failed(directory: Path) -> tuple[dict[str, str], dict[str, str]]:
 
 @dataclass(frozen=True)
 class _Item:
-    kind: FeatureKind
+    kind: Kind
     key: str
     path: str
     bbox: BBox | None
@@ -267,7 +266,7 @@ def _collate(samples: list[tuple[int, torch.Tensor | None, str | None, bool]]) -
 class _SegmentWriter:
     """Appends rows of one kind to a fresh segment, committing keys only after their rows are flushed."""
 
-    def __init__(self, directory: Path, kind: FeatureKind, seq: int, capacity: int, dim: int) -> None:
+    def __init__(self, directory: Path, kind: Kind, seq: int, capacity: int, dim: int) -> None:
         self.path = directory / f"{kind}-{seq:06d}.npy"
         self.keys_path = self.path.with_suffix(".keys")
         self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=DTYPE, shape=(capacity, dim))
@@ -320,7 +319,7 @@ def _cleanup_orphans(directory: Path) -> None:
                 path.with_suffix(".keys").unlink(missing_ok=True)
 
 
-def _merge_segments(directory: Path, kind: FeatureKind, dim: int) -> None:
+def _merge_segments(directory: Path, kind: Kind, dim: int) -> None:
     """Merge a kind's segments into one (holding the writer lock); readers see old or new, never half."""
     segments = _segments(directory, kind)
     if len(segments) <= MAX_SEGMENTS:

@@ -13,7 +13,6 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,16 +21,13 @@ import numpy as np
 
 from training.data.split import split_by_scene
 from training.data.stl import (
-    CATEGORIES_FILE,
-    PAIRS_FILE,
-    UPSTREAM_CATEGORIES_FILES,
-    UPSTREAM_PAIRS_FILES,
     Pair,
     STLDataset,
+    dataset_fingerprint,
 )
 from training.fit.mining import MINER_KINDS
 from training.fit.trainer import LOSSES, PairFeatures, Products, TrainConfig, hit_rates, train_head
-from training.model.checkpoint import Checkpoint, CheckpointMismatch, data_fingerprint, load_checkpoint, save_checkpoint
+from training.model.checkpoint import Checkpoint, CheckpointMismatch, TrainRecord, load_checkpoint, save_checkpoint
 from training.model.head import HeadConfig
 
 if TYPE_CHECKING:
@@ -88,18 +84,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _first_file(root: Path, names: Sequence[str]) -> Path:
-    for name in names:
-        if (root / name).is_file():
-            return root / name
-    raise FileNotFoundError(f"{root} has none of {list(names)}")
-
-
-def dataset_fingerprint(root: Path) -> str:
-    return data_fingerprint(_first_file(root, (PAIRS_FILE, *UPSTREAM_PAIRS_FILES)),
-                            _first_file(root, (CATEGORIES_FILE, *UPSTREAM_CATEGORIES_FILES)))
-
-
 def resolved_config(args: argparse.Namespace) -> dict:
     """The arguments that determine the weights, JSON-ready (paths as strings)."""
     return {key: str(value) if isinstance(value, Path) else value
@@ -142,7 +126,7 @@ def _up_to_date(out: Path, config: dict, fingerprint: str) -> Checkpoint | None:
     except CheckpointMismatch as exc:
         LOG.warning("retraining: %s", exc)
         return None
-    if checkpoint.train_config.get("args") != config or checkpoint.data_fingerprint != fingerprint:
+    if checkpoint.train_config.args != config or checkpoint.data_fingerprint != fingerprint:
         return None
     return checkpoint
 
@@ -239,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         backbone_name=backbone.name,
         backbone_weights_sha256=backbone.weights_sha256,
         preprocess=embedder.preprocess,
-        train_config={"args": config, "trainer": train_config(args).to_dict()},
+        train_config=TrainRecord(split_seed=args.split_seed, args=config, trainer=train_config(args).to_dict()),
         data_fingerprint=fingerprint,
         metrics=metrics,
     )

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from training.errors import DataError, Unavailable
+
 LOG = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -28,7 +30,7 @@ RESNET50_URL = f"https://download.pytorch.org/models/{RESNET50_FILE}"
 TINY_DIM = 32
 
 
-class BackboneUnavailable(RuntimeError):
+class BackboneUnavailable(Unavailable):
     """The backbone's weights cannot be found; the message says what to download and where."""
 
 
@@ -80,7 +82,7 @@ def available() -> list[str]:
 def load_backbone(name: str, weights: str | Path | None = None) -> Backbone:
     """Build a frozen backbone by registry name; `weights` overrides where its weights come from."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; available: {available()}")
+        raise DataError(f"unknown backbone {name!r}; available: {available()}")
     return _REGISTRY[name](Path(weights) if weights is not None else None)
 
 

@@ -1,31 +1,61 @@
-"""Head checkpoints that carry everything needed to rebuild the embedder exactly."""
+"""Head checkpoints that carry everything needed to rebuild the embedder exactly, and `load_embedder`.
+
+This module sits above the embedder (open_clip's `factory.py` shape): it imports `Embedder`, and the
+embedder knows nothing of checkpoints, so no import goes both ways.
+"""
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from training.io import atomic_path
-from training.model.backbones import Backbone
-from training.model.embedder import Preprocess
+from training.data.split import SPLIT_FRACTIONS
+from training.errors import ModelMismatch
+from training.io import atomic_path, file_sha256
+from training.model.backbones import Backbone, load_backbone
+from training.model.embedder import Embedder
 from training.model.head import CompatibilityHead, HeadConfig
+from training.model.preprocess import Preprocess
 
 FORMAT_VERSION = 1
 
 
-class CheckpointMismatch(ValueError):
-    """The checkpoint was trained on another backbone, weights or preprocessing."""
+class CheckpointMismatch(ModelMismatch):
+    """The checkpoint was trained on another backbone, weights or preprocessing, or is not a checkpoint."""
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as source:
-        for block in iter(lambda: source.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class TrainRecord:
+    """How a head was trained, as the checkpoint stores it: read and written here only.
+
+    `split_seed` and `split_fractions` say which scenes were training scenes, so `index build` can
+    count popularity on exactly those pairs. `args` are the resolved arguments (a rerun with the same
+    ones on the same data is up to date); `trainer` is the trainer's own config.
+    """
+
+    split_seed: int = 0
+    split_fractions: tuple[float, float, float] = SPLIT_FRACTIONS
+    args: dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "split_fractions": list(self.split_fractions)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainRecord:
+        args = dict(raw.get("args", {}))
+        # Checkpoints written before this record existed kept the seed only inside "args".
+        seed = raw.get("split_seed", args.get("split_seed", 0))
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise CheckpointMismatch(f"train config has a split_seed that is not an integer: {seed!r}")
+        fractions = tuple(float(value) for value in raw.get("split_fractions", SPLIT_FRACTIONS))
+        if len(fractions) != 3:
+            raise CheckpointMismatch(f"train config has split_fractions of length {len(fractions)}, not 3")
+        return cls(split_seed=seed, split_fractions=fractions, args=args,  # type: ignore[arg-type]
+                   trainer=dict(raw.get("trainer", {})))
 
 
 @dataclass
@@ -35,7 +65,7 @@ class Checkpoint:
     backbone_name: str
     backbone_weights_sha256: str
     preprocess: Preprocess
-    train_config: dict = field(default_factory=dict)
+    train_config: TrainRecord = field(default_factory=TrainRecord)
     data_fingerprint: str = ""
     metrics: dict = field(default_factory=dict)
     sha256: str | None = None  # of the file it was read from
@@ -77,7 +107,7 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> str:
         "state_dict": {key: value.detach().cpu() for key, value in checkpoint.state_dict.items()},
         "backbone": {"name": checkpoint.backbone_name, "weights_sha256": checkpoint.backbone_weights_sha256},
         "preprocess": checkpoint.preprocess.to_dict(),
-        "train_config": checkpoint.train_config,
+        "train_config": checkpoint.train_config.to_dict(),
         "data_fingerprint": checkpoint.data_fingerprint,
         "metrics": checkpoint.metrics,
     }
@@ -104,7 +134,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             backbone_name=payload["backbone"]["name"],
             backbone_weights_sha256=payload["backbone"]["weights_sha256"],
             preprocess=Preprocess.from_dict(payload["preprocess"]),
-            train_config=payload.get("train_config", {}),
+            train_config=TrainRecord.from_dict(payload.get("train_config", {})),
             data_fingerprint=payload.get("data_fingerprint", ""),
             metrics=payload.get("metrics", {}),
             sha256=file_sha256(path),
@@ -113,10 +143,19 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointMismatch(f"{path} is an incomplete head checkpoint: {exc!r}") from exc
 
 
-def data_fingerprint(pairs_file: str | Path, categories_file: str | Path) -> str:
-    """sha256 over the pair file and the category file: which data a head was trained on."""
-    digest = hashlib.sha256()
-    for path in (pairs_file, categories_file):
-        digest.update(Path(path).name.encode())
-        digest.update(file_sha256(path).encode())
-    return digest.hexdigest()
+def load_embedder(
+    path: str | Path, device: str | torch.device = "auto", backbone_weights: str | Path | None = None
+) -> Embedder:
+    """The embedder a checkpoint describes: its backbone (checked), head and preprocessing."""
+    checkpoint = load_checkpoint(path)
+    backbone = load_backbone(checkpoint.backbone_name, backbone_weights)
+    checkpoint.check_backbone(backbone)
+    saved = checkpoint.preprocess
+    embedder = Embedder(backbone, checkpoint.build_head(), saved.context, device, checkpoint.sha256,
+                        jpeg_draft=saved.jpeg_draft)
+    if embedder.preprocess != saved:
+        raise CheckpointMismatch(
+            f"checkpoint {path} was trained with preprocessing {saved.to_dict()}, but backbone "
+            f"{backbone.name!r} preprocesses as {embedder.preprocess.to_dict()}"
+        )
+    return embedder

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-Kind = Literal["scene", "product"]
+from training.data.stl import Kind
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from training.data.stl import (
     Pair,
     STLDataset,
     STLFormatError,
+    dataset_fingerprint,
     read_pairs,
     validate_bbox,
     write_pairs,
@@ -119,3 +120,15 @@ def test_real_stl_category_file_loads() -> None:
     assert len(categories) == 38111
     assert len(categories.paths) == 10
     assert len(categories.products_in("Shoes")) == 11780
+
+
+def test_dataset_fingerprint_changes_with_either_file(tmp_path) -> None:
+    pairs, categories = tmp_path / "pairs.jsonl", tmp_path / "categories.json"
+    pairs.write_text('{"a": 1}\n')
+    categories.write_text("{}")
+    first = dataset_fingerprint(tmp_path)
+    assert first == dataset_fingerprint(tmp_path)
+    categories.write_text('{"p": "A|B"}')
+    assert dataset_fingerprint(tmp_path) != first
+    pairs.write_text('{"a": 2}\n')
+    assert dataset_fingerprint(tmp_path) not in {first}

@@ -11,8 +11,9 @@ from training.data.stl import Pair, STLDataset, write_pairs
 from training.eval.rankers import EmbeddingRanker, PopularityRanker, candidates_by_category, evaluate_models, main
 from training.model.backbones import load_backbone
 from training.model.checkpoint import Checkpoint, save_checkpoint
-from training.model.embedder import Embedder, load_image
+from training.model.embedder import Embedder
 from training.model.head import CompatibilityHead, HeadConfig
+from training.model.preprocess import load_image
 
 CATEGORIES = {
     **{f"shoe{i}": "Apparel|Shoes" for i in range(7)},

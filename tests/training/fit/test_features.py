@@ -22,7 +22,8 @@ from training.fit.features import (
     scene_key,
 )
 from training.model.backbones import load_backbone
-from training.model.embedder import Embedder, load_image
+from training.model.embedder import Embedder
+from training.model.preprocess import load_image
 
 SCENES = {"s1": (96, 128), "s2": (120, 80), "s3": (64, 64)}
 PRODUCTS = {"p1": "Clothing|Tops", "p2": "Clothing|Tops", "p3": "Shoes|Boots", "p4": "Bags|Totes"}

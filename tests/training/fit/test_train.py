@@ -6,8 +6,7 @@ import torch
 
 from training.data.synth import plan as synth
 from training.fit import run as train
-from training.model.checkpoint import load_checkpoint
-from training.model.embedder import Embedder
+from training.model.checkpoint import load_checkpoint, load_embedder
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +36,10 @@ def test_train_cli_end_to_end(tiny_data, tmp_path, capsys) -> None:
     assert 0.0 <= log["metrics"]["val"]["hr@10"] <= 1.0
 
     checkpoint = load_checkpoint(out / "head.pt")
-    assert checkpoint.backbone_name == "tiny" and checkpoint.train_config["args"] == config
+    assert checkpoint.backbone_name == "tiny" and checkpoint.train_config.args == config
     assert len(checkpoint.data_fingerprint) == 64
     assert checkpoint.metrics["val"] == log["metrics"]["val"]
-    embedder = Embedder.from_checkpoint(out / "head.pt", device="cpu")
+    embedder = load_embedder(out / "head.pt", device="cpu")
     assert embedder.dim == 16 and embedder.preprocess.context == 0.2
     vectors = embedder.project(torch.randn(3, embedder.backbone.dim), "scene")
     assert vectors.shape == (3, 16)
@@ -65,7 +64,7 @@ def test_changed_config_retrains(tiny_data, tmp_path, capsys) -> None:
     assert train.main(_args(tiny_data, out, "--epochs", "1", "--separate-heads", "--loss", "l2")) == 0
     assert "up to date" not in capsys.readouterr().out
     checkpoint = load_checkpoint(out / "head.pt")
-    assert checkpoint.head_config.separate and checkpoint.train_config["trainer"]["loss"] == "l2"
+    assert checkpoint.head_config.separate and checkpoint.train_config.trainer["loss"] == "l2"
 
 
 @pytest.mark.parametrize(

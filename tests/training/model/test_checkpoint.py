@@ -3,17 +3,18 @@ import dataclasses
 import pytest
 import torch
 
+from training.io import file_sha256
 from training.model.backbones import load_backbone
 from training.model.checkpoint import (
     Checkpoint,
     CheckpointMismatch,
-    data_fingerprint,
-    file_sha256,
+    TrainRecord,
     load_checkpoint,
+    load_embedder,
     save_checkpoint,
 )
-from training.model.embedder import Embedder, Preprocess
 from training.model.head import CompatibilityHead, HeadConfig
+from training.model.preprocess import Preprocess
 
 
 def _checkpoint(separate: bool = False) -> tuple[Checkpoint, CompatibilityHead]:
@@ -28,7 +29,7 @@ def _checkpoint(separate: bool = False) -> tuple[Checkpoint, CompatibilityHead]:
         backbone_name=backbone.name,
         backbone_weights_sha256=backbone.weights_sha256,
         preprocess=Preprocess(backbone.image_size, backbone.mean, backbone.std, context=0.25),
-        train_config={"args": {"lr": 0.002}},
+        train_config=TrainRecord(split_seed=3, args={"lr": 0.002, "split_seed": 3}),
         data_fingerprint="abc",
         metrics={"val": {"hr@10": 0.5}},
     )
@@ -44,7 +45,7 @@ def test_round_trip_restores_head_and_metadata(tmp_path, separate) -> None:
     assert loaded.head_config == head.config
     assert loaded.preprocess.context == 0.25
     assert (loaded.train_config, loaded.data_fingerprint, loaded.metrics) == (
-        {"args": {"lr": 0.002}}, "abc", {"val": {"hr@10": 0.5}})
+        TrainRecord(split_seed=3, args={"lr": 0.002, "split_seed": 3}), "abc", {"val": {"hr@10": 0.5}})
     features = torch.randn(5, head.config.in_dim)
     rebuilt = loaded.build_head()
     for kind in ("scene", "product"):
@@ -55,7 +56,7 @@ def test_round_trip_restores_head_and_metadata(tmp_path, separate) -> None:
 def test_embedder_from_checkpoint_uses_the_head_and_context(tmp_path) -> None:
     checkpoint, head = _checkpoint()
     save_checkpoint(tmp_path / "head.pt", checkpoint)
-    embedder = Embedder.from_checkpoint(tmp_path / "head.pt", device="cpu")
+    embedder = load_embedder(tmp_path / "head.pt", device="cpu")
     assert embedder.dim == 8 and embedder.preprocess.context == 0.25
     assert embedder.fingerprint()["head_sha256"] == file_sha256(tmp_path / "head.pt")
     features = torch.randn(3, head.config.in_dim)
@@ -75,7 +76,7 @@ def test_mismatched_backbone_is_refused(tmp_path) -> None:
         other_size.check_backbone(backbone)
     save_checkpoint(tmp_path / "head.pt", dataclasses.replace(checkpoint, backbone_weights_sha256="0" * 64))
     with pytest.raises(CheckpointMismatch, match="use the backbone it was trained with"):
-        Embedder.from_checkpoint(tmp_path / "head.pt", device="cpu")
+        load_embedder(tmp_path / "head.pt", device="cpu")
 
 
 def test_foreign_or_incomplete_files_are_refused(tmp_path) -> None:
@@ -90,11 +91,10 @@ def test_foreign_or_incomplete_files_are_refused(tmp_path) -> None:
         load_checkpoint(tmp_path / "partial.pt")
 
 
-def test_data_fingerprint_changes_with_either_file(tmp_path) -> None:
-    pairs, categories = tmp_path / "pairs.jsonl", tmp_path / "categories.json"
-    pairs.write_text('{"a": 1}\n')
-    categories.write_text("{}")
-    first = data_fingerprint(pairs, categories)
-    assert first == data_fingerprint(pairs, categories)
-    categories.write_text('{"p": "A|B"}')
-    assert data_fingerprint(pairs, categories) != first
+def test_train_record_reads_the_seed_of_checkpoints_written_before_it() -> None:
+    # Older checkpoints kept the seed inside the resolved arguments only.
+    assert TrainRecord.from_dict({"args": {"split_seed": 3}}).split_seed == 3
+    assert TrainRecord.from_dict({"split_seed": 5, "args": {"split_seed": 3}}).split_seed == 5
+    assert TrainRecord.from_dict({}).split_seed == 0
+    with pytest.raises(CheckpointMismatch):
+        TrainRecord.from_dict({"split_seed": "3"})

@@ -10,17 +10,10 @@ import torch
 from PIL import Image
 
 from training.model.backbones import load_backbone
-from training.model.checkpoint import Checkpoint, CheckpointMismatch, save_checkpoint
-from training.model.embedder import (
-    METRIC,
-    CropTooSmall,
-    Embedder,
-    Preprocess,
-    bbox_to_pixels,
-    load_image,
-    to_tensor,
-)
+from training.model.checkpoint import Checkpoint, CheckpointMismatch, load_embedder, save_checkpoint
+from training.model.embedder import METRIC, Embedder
 from training.model.head import CompatibilityHead, HeadConfig
+from training.model.preprocess import CropTooSmall, Preprocess, bbox_to_pixels, load_image, to_tensor
 
 
 def _image(width: int = 80, height: int = 60, seed: int = 0) -> Image.Image:
@@ -220,7 +213,7 @@ def _checkpoint(tiny, preprocess: Preprocess) -> Checkpoint:
 def test_from_checkpoint_round_trip(tiny, tmp_path):
     preprocess = Preprocess(tiny.image_size, tiny.mean, tiny.std, 0.2)
     sha = save_checkpoint(tmp_path / "head.pt", _checkpoint(tiny, preprocess))
-    embedder = Embedder.from_checkpoint(tmp_path / "head.pt", device="cpu")
+    embedder = load_embedder(tmp_path / "head.pt", device="cpu")
     assert embedder.preprocess == preprocess and embedder.head_sha256 == sha and embedder.dim == 16
     direct = Embedder(tiny, _head(), context=0.2, device="cpu")
     np.testing.assert_allclose(embedder.embed([_image()], None, "scene"), direct.embed([_image()], None, "scene"),
@@ -231,11 +224,11 @@ def test_from_checkpoint_refuses_other_preprocessing(tiny, tmp_path):
     preprocess = Preprocess(128, tiny.mean, tiny.std, 0.2)  # trained at another resolution
     save_checkpoint(tmp_path / "head.pt", _checkpoint(tiny, preprocess))
     with pytest.raises(CheckpointMismatch, match="preprocessing"):
-        Embedder.from_checkpoint(tmp_path / "head.pt", device="cpu")
+        load_embedder(tmp_path / "head.pt", device="cpu")
 
 
 def test_jpeg_draft_decodes_big_photos_smaller_but_keeps_the_crop(tiny, tmp_path):
-    from training.model.embedder import load_crop
+    from training.model.preprocess import load_crop
 
     path = tmp_path / "big.jpg"
     rng = np.random.default_rng(0)
