@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from training.errors import EXIT_INPUT
+
 
 def dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -21,3 +23,13 @@ def dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str] | 
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     module = importlib.import_module(commands[argv[0]][0])
     return int(module.main(argv[1:]) or 0)
+
+
+def report(exc: BaseException, prefix: str = "error") -> int:
+    """One line on stderr for an expected failure (a package's root error); its documented exit code.
+
+    Every package root (`training.errors.TrainingError`, `index.errors.ArtifactError`) carries an
+    `exit_code` class attribute; see training/errors.py for the table.
+    """
+    print(f"{prefix}: {exc}", file=sys.stderr)
+    return int(getattr(exc, "exit_code", EXIT_INPUT))
