@@ -9,13 +9,12 @@ command of `python -m training` and `python -m index`:
     2  bad input: usage, missing or malformed data, unknown names, invalid values
     3  unavailable: something the job needs cannot be had here (weights, device, optional package)
     4  mismatch: parts that do not belong together (checkpoint vs backbone, index vs model)
- Each kind also keeps the
-builtin base it always had (ValueError, RuntimeError, KeyError), so existing `except ValueError` callers
+
+Each kind also keeps the builtin base it always had (ValueError, RuntimeError, KeyError), so existing `except ValueError` callers
 still work.
 """
 
 from __future__ import annotations
-
 
 EXIT_OK, EXIT_REFUSED, EXIT_INPUT, EXIT_UNAVAILABLE, EXIT_MISMATCH = 0, 1, 2, 3, 4
 
