@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,3 +41,17 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: source.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_json_atomic(path: str | Path, payload: object, indent: int | None = 2) -> None:
+    """JSON (with a trailing newline) written atomically and fsynced."""
+    write_text_atomic(path, json.dumps(payload, indent=indent) + "\n")
+
+
+def copy_atomic(source: str | Path, dest: str | Path) -> None:
+    """Copy a file so that `dest` is either the old file or the whole new one (no-op onto itself)."""
+    source, dest = Path(source), Path(dest)
+    if dest.exists() and os.path.samefile(source, dest):
+        return
+    with atomic_path(dest) as temp:
+        shutil.copyfile(source, temp)
