@@ -112,10 +112,10 @@ def bench_build(workdir: Path, products: int, batch_size: int, workers: int) -> 
     started = time.perf_counter()
     build(data, checkpoint, root, device="auto", batch_size=batch_size, workers=workers, progress=False)
     total = time.perf_counter() - started
-    manifest = open_artifact(root).manifest
-    embed_rate = manifest["embed_products_per_second"]
+    provenance = open_artifact(root).manifest.provenance
+    embed_rate = provenance.embed_products_per_second
     return {
-        "products": products, "batch_size": batch_size, "workers": workers, "device": manifest["device"],
+        "products": products, "batch_size": batch_size, "workers": workers, "device": provenance.device,
         "bare_backbone_products_per_s": round(bare, 2),
         "build_embed_products_per_s": embed_rate,
         "build_end_to_end_products_per_s": round(products / total, 2),

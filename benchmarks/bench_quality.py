@@ -1,6 +1,6 @@
 """Quality of the trained head against popularity and the raw-backbone kNN on the synthetic catalogue.
 
-Generates the default synthetic catalogue if missing (training.data.synth.plan), trains the head with the default
+Generates the default synthetic catalogue if missing (training.data.synth), trains the head with the default
 backbone (`python -m training train`), then ranks every test pair against all products of its category:
 HR@{1,5,10,20,50}, binary accuracy, AUC and run times, plus the head's ratios to the baselines.
 Prints a table and writes benchmarks/results/bench_quality.json.
@@ -20,13 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+from training.cli import synth, train
 from training.data.popularity import Popularity
 from training.data.split import split_by_scene
 from training.data.stl import STLDataset
-from training.data.synth import plan as synth
 from training.eval.rankers import EmbeddingRanker, PopularityRanker, evaluate_models, format_table
-from training.fit import run as train
 from training.fit.features import cache_features
+from training.fit.run import CONFIG_FILE, HEAD_FILE, LOG_FILE
 from training.model.backbones import load_backbone
 from training.model.checkpoint import load_embedder
 from training.model.embedder import Embedder
@@ -76,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     if train.main(train_argv + (["--force"] if args.force else [])) != 0:
         return 1
     times["train_command_seconds"] = round(time.perf_counter() - started, 2)
-    log = json.loads((args.run / train.LOG_FILE).read_text(encoding="utf-8"))
+    log = json.loads((args.run / LOG_FILE).read_text(encoding="utf-8"))
 
     dataset = STLDataset.open(args.data)
     split = split_by_scene(dataset.pairs, seed=args.split_seed)
     popularity = Popularity.from_pairs(split.train, dataset.categories)
-    head_embedder = load_embedder(args.run / train.HEAD_FILE, args.device)
+    head_embedder = load_embedder(args.run / HEAD_FILE, args.device)
     knn_embedder = Embedder(load_backbone(args.backbone), None, head_embedder.preprocess.context, args.device)
     features = cache_features(dataset, knn_embedder, args.data / ".cache" / "features", pairs=split.test,
                               progress=False)
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "cold_start_share": head["cold_start_share"],
         "models": summary, "random": results["random"], "ratios": ratios, "targets": TARGETS, "checks": checks,
         "all_targets_met": all(checks.values()),
-        "train": {"args": json.loads((args.run / train.CONFIG_FILE).read_text(encoding="utf-8")),
+        "train": {"args": json.loads((args.run / CONFIG_FILE).read_text(encoding="utf-8")),
                   "metrics": log["metrics"], "history": log["history"]},
         "times": times,
     }

@@ -39,6 +39,7 @@ import torch
 from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 
+from index.manifest import Provenance
 from index.publish import publish, staging_dir
 from index.writer import CategoryData, new_version, write_version
 from service.launch import ServiceNotReady, wait_until_ready
@@ -103,7 +104,7 @@ def make_artifact(root: Path, checkpoint: Path, embedder: Embedder, seed: int = 
     version = new_version("bench-service")
     staging = staging_dir(root, version)
     write_version(staging, version, categories, embedder.fingerprint(), checkpoint, popularity, products,
-                  {"operation": "bench"})
+                  Provenance(operation="bench"))
     publish(root, staging)
     return version
 

@@ -12,16 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
-from index.artifact import ArtifactError
 from index.edit import changed, derive, open_current, unchanged
 from index.embed import embed_product_files
+from index.errors import ArtifactError, Refused
+from index.manifest import Change
 from index.publish import DEFAULT_KEEP, build_lock
+from training.cli import report
+from training.cli.args import add_device_arg
 from training.data.stl import CategoryMap, is_valid_id
-from training.model.checkpoint import CheckpointMismatch, load_embedder
+from training.errors import TrainingError
+from training.model.checkpoint import load_embedder
 
 LOG = logging.getLogger(__name__)
-
-
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ def read_jsonl(path: Path) -> list[NewProduct]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise ArtifactError(f"cannot read {path}: {exc}") from exc
+        raise Refused(f"cannot read {path}: {exc}") from exc
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -47,7 +49,7 @@ def read_jsonl(path: Path) -> list[NewProduct]:
             products.append(NewProduct(str(record["id"]), str(record["category"]),
                                        image if image.is_absolute() else path.parent / image))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ArtifactError(f"{path}:{number}: expected {{\"id\", \"category\", \"image\"}}: {exc}") from exc
+            raise Refused(f"{path}:{number}: expected {{\"id\", \"category\", \"image\"}}: {exc}") from exc
     return products
 
 
@@ -73,7 +75,7 @@ def validate(products: list[NewProduct], catalogue: CategoryMap) -> list[NewProd
     if not products:
         problems.append("no products given")
     if problems:
-        raise ArtifactError("nothing published: " + "; ".join(problems))
+        raise Refused("nothing published: " + "; ".join(problems))
     return resolved
 
 
@@ -93,7 +95,7 @@ def add_products(root: Path, products: list[NewProduct], device: str = "auto", k
                                                 progress=False)
         unreadable = [str(p.image) for p, ok in zip(products, readable, strict=True) if not ok]
         if unreadable:
-            raise ArtifactError(f"nothing published: unreadable image(s) {unreadable}")
+            raise Refused(f"nothing published: unreadable image(s) {unreadable}")
 
         categories = []
         for category in sorted(artifact.categories):
@@ -107,8 +109,8 @@ def add_products(root: Path, products: list[NewProduct], device: str = "auto", k
             all_vectors = np.concatenate([artifact.read_vectors(category), vectors[rows]])
             categories.append(changed(artifact, category, ids, all_vectors, index))
         records = records + [{"id": p.id, "category": p.category, "image": str(p.image.resolve())} for p in products]
-        operation = {"operation": "add", "ids": [p.id for p in products]}
-        version = derive(root, artifact, categories, records, operation, embedder.fingerprint(), keep, started)
+        change = Change("add", [p.id for p in products])
+        version = derive(root, artifact, categories, records, change, embedder.fingerprint(), keep, started)
         LOG.info("added %d products: %s -> %s", len(products), artifact.version, version)
         return version
 
@@ -121,7 +123,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", action="append", default=[], type=Path, help="product image file, per --id")
     parser.add_argument("--from", dest="from_file", type=Path, default=None,
                         help='JSON lines of {"id", "category", "image"}')
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_arg(parser, strict=True)
     parser.add_argument("--keep", type=int, default=DEFAULT_KEEP)
     return parser
 
@@ -132,13 +134,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: give one --category and one --image per --id (got {len(args.id)} ids, "
               f"{len(args.category)} categories, {len(args.image)} images)", file=sys.stderr)
         return 2
+    if args.keep < 1:
+        print("error: --keep must be >= 1", file=sys.stderr)
+        return 2
     try:
         products = [NewProduct(*fields) for fields in zip(args.id, args.category, args.image, strict=True)]
         if args.from_file is not None:
             products += read_jsonl(args.from_file)
         version = add_products(args.artifacts, products, args.device, args.keep)
-    except (ArtifactError, CheckpointMismatch, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (TrainingError, ArtifactError) as exc:
+        return report(exc)
     print(f"published {version} with {len(products)} product(s) added")
     return 0

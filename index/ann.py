@@ -14,8 +14,6 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from index.artifact import apply_search_params
-
 LOG = logging.getLogger(__name__)
 
 # Measured (benchmarks/bench_index.py, 2 CPU cores, dim 128): a flat scan of the largest STL category
@@ -41,6 +39,13 @@ class IndexSpec:
     factory: str  # faiss.index_factory string
     kind: Literal["exact", "approximate"]
     search_params: dict[str, int] = field(default_factory=dict)
+
+
+def apply_search_params(index: faiss.Index, params: dict[str, int]) -> None:
+    """Set nprobe / efSearch (whatever the manifest recorded) through faiss's generic parameter space."""
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        space.set_index_parameter(index, name, value)
 
 
 def gpu_available() -> bool:

@@ -21,12 +21,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from index.ann import apply_search_params
+from index.errors import ArtifactError, ArtifactMissing, CorruptArtifact, IndexMismatch
+from index.manifest import MANIFEST_FILE, CategoryEntry, Manifest, read_manifest
+from training.data.popularity import Popularity
 from training.io import file_sha256
 
 LOG = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
 CHECKPOINT_FILE = "model.pt"
 PRODUCTS_FILE = "products.json"
 POPULARITY_FILE = "popularity.json"
@@ -34,14 +36,6 @@ VERSIONS_DIR = "versions"
 CURRENT_LINK = "current"
 # Fingerprint fields that must agree between the manifest and the embedder that queries the indexes.
 FINGERPRINT_FIELDS = ("backbone", "backbone_weights_sha256", "head_sha256", "dim", "preprocess", "metric")
-
-
-class ArtifactError(Exception):
-    """No artifact is published, or it is unreadable or corrupt."""
-
-
-class IndexMismatch(ArtifactError):
-    """The artifact was built with another embedder than the one that would query it."""
 
 
 def versions_dir(root: Path) -> Path:
@@ -75,7 +69,7 @@ class CategoryIndex:
 
     def __init__(self, category: str, index: faiss.Index, product_ids: list[str]) -> None:
         if index.ntotal != len(product_ids):
-            raise ArtifactError(f"category {category!r}: index has {index.ntotal} rows but {len(product_ids)} ids")
+            raise CorruptArtifact(f"category {category!r}: index has {index.ntotal} rows but {len(product_ids)} ids")
         self.category = category
         self.index = index
         self.product_ids = product_ids
@@ -105,58 +99,40 @@ class CategoryIndex:
         ]
 
 
-def apply_search_params(index: faiss.Index, params: dict[str, int]) -> None:
-    """Set nprobe / efSearch (whatever the manifest recorded) through faiss's generic parameter space."""
-    space = faiss.ParameterSpace()
-    for name, value in params.items():
-        space.set_index_parameter(index, name, value)
-
-
 @dataclass
 class Artifact:
+    """One version directory (published or staged), opened through its typed manifest."""
+
     version: str
     path: Path
-    manifest: dict
-    categories: dict[str, int] = field(default_factory=dict)
-    _popularity: object | None = None
+    manifest: Manifest
+    categories: dict[str, int] = field(default_factory=dict)  # category path -> product count
+    _popularity: Popularity | None = None
 
     @property
     def checkpoint_path(self) -> Path:
         return self.path / CHECKPOINT_FILE
 
     @property
-    def popularity(self):  # -> training.data.popularity.Popularity, imported lazily to keep loading cheap
+    def popularity(self) -> Popularity:
         if self._popularity is None:
-            from training.data.popularity import Popularity
-
             try:
                 self._popularity = Popularity.from_json(self.path / POPULARITY_FILE)
             except (OSError, ValueError) as exc:
-                raise ArtifactError(f"{self.path / POPULARITY_FILE}: {exc}") from exc
+                raise CorruptArtifact(f"{self.path / POPULARITY_FILE}: {exc}") from exc
         return self._popularity
 
     @classmethod
     def from_dir(cls, path: Path) -> Artifact:
         """Open one version directory (published or staged) by reading its manifest."""
         path = Path(path)
-        manifest_path = path / MANIFEST_FILE
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ArtifactError(f"{manifest_path} is missing; the artifact is incomplete") from exc
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"{manifest_path} is unreadable: {exc}") from exc
-        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(f"{manifest_path} is not an index manifest of format {FORMAT_VERSION}")
-        try:
-            categories = {name: int(entry["count"]) for name, entry in manifest["categories"].items()}
-            version = str(manifest["version"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"{manifest_path} lacks a field: {exc}") from exc
-        return cls(version=version, path=path, manifest=manifest, categories=categories)
+        manifest = read_manifest(path / MANIFEST_FILE)
+        categories = {name: entry.count for name, entry in manifest.categories.items()}
+        return cls(version=manifest.version, path=path, manifest=manifest, categories=categories)
 
     def fingerprint(self) -> dict:
-        return dict(self.manifest.get("embedder", {}))
+        """The fingerprint of the embedder this version was built with, as `Embedder.fingerprint()` gives it."""
+        return self.manifest.embedder.to_dict()
 
     def check_embedder(self, fingerprint: dict) -> None:
         """Raise IndexMismatch naming every field where the embedder differs from the one that built this."""
@@ -173,10 +149,12 @@ class Artifact:
                 + f"); load the embedder from {self.checkpoint_path} or rebuild the index"
             )
 
-    def verify_files(self) -> list[str]:
-        """Problems found comparing every file with the sha256 the manifest recorded (empty when sound)."""
+    def verify_files(self, names: set[str] | None = None) -> list[str]:
+        """Problems comparing the files (all, or those `names`) with the sha256 the manifest recorded."""
         problems = []
-        for name, expected in sorted(self.manifest.get("files", {}).items()):
+        for name, expected in sorted(self.manifest.files.items()):
+            if names is not None and name not in names:
+                continue
             file = self.path / name
             if not file.is_file():
                 problems.append(f"{name}: missing")
@@ -184,47 +162,62 @@ class Artifact:
                 problems.append(f"{name}: sha256 differs from the manifest (corrupt or modified)")
         return problems
 
-    def read_ids(self, category: str) -> list[str]:
-        entry = self._entry(category)
+    def check_files(self) -> list[str]:
+        """The one file check: every recorded file matches its sha256, every category's files are recorded."""
+        problems = self.verify_files()
+        for entry in self.manifest.categories.values():
+            problems += [f"{name}: not in the manifest's file list" for name in entry.files
+                         if name not in self.manifest.files]
+        return problems
+
+    def entry(self, category: str) -> CategoryEntry:
         try:
-            ids = json.loads((self.path / entry["ids_file"]).read_text(encoding="utf-8"))
+            return self.manifest.categories[category]
+        except KeyError:
+            raise ArtifactError(f"version {self.version} has no category {category!r}") from None
+
+    def read_ids(self, category: str) -> list[str]:
+        entry = self.entry(category)
+        try:
+            ids = json.loads((self.path / entry.ids_file).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"category {category!r}: unreadable id file: {exc}") from exc
-        if not isinstance(ids, list) or len(ids) != entry["count"]:
-            raise ArtifactError(f"category {category!r}: id file does not hold {entry['count']} ids")
+            raise CorruptArtifact(f"category {category!r}: unreadable id file: {exc}") from exc
+        if not isinstance(ids, list) or len(ids) != entry.count:
+            raise CorruptArtifact(f"category {category!r}: id file does not hold {entry.count} ids")
         return [str(pid) for pid in ids]
 
     def read_vectors(self, category: str) -> np.ndarray:
-        entry = self._entry(category)
+        entry, dim = self.entry(category), self.manifest.embedder.dim
         try:
-            vectors = np.load(self.path / entry["vectors_file"], allow_pickle=False)
+            vectors = np.load(self.path / entry.vectors_file, allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise ArtifactError(f"category {category!r}: unreadable vectors file: {exc}") from exc
-        if vectors.shape != (entry["count"], self.manifest["dim"]):
-            raise ArtifactError(f"category {category!r}: vectors have shape {vectors.shape}, manifest says "
-                                f"({entry['count']}, {self.manifest['dim']})")
+            raise CorruptArtifact(f"category {category!r}: unreadable vectors file: {exc}") from exc
+        if vectors.shape != (entry.count, dim):
+            raise CorruptArtifact(f"category {category!r}: vectors have shape {vectors.shape}, manifest says "
+                                  f"({entry.count}, {dim})")
         return vectors.astype(np.float32, copy=False)
 
     def read_index(self, category: str) -> faiss.Index:
-        entry = self._entry(category)
-        file = self.path / entry["index_file"]
+        entry, dim = self.entry(category), self.manifest.embedder.dim
+        file = self.path / entry.index_file
         try:
             index = faiss.read_index(str(file))
         except RuntimeError as exc:  # faiss reports unreadable and truncated files as RuntimeError
-            raise ArtifactError(f"category {category!r}: corrupt index file {file}: {exc}") from exc
-        if index.ntotal != entry["count"] or index.d != self.manifest["dim"]:
-            raise ArtifactError(f"category {category!r}: index holds {index.ntotal}x{index.d}, manifest says "
-                                f"{entry['count']}x{self.manifest['dim']}")
-        apply_search_params(index, entry.get("search_params", {}))
+            raise CorruptArtifact(f"category {category!r}: corrupt index file {file}: {exc}") from exc
+        if index.ntotal != entry.count or index.d != dim:
+            raise CorruptArtifact(f"category {category!r}: index holds {index.ntotal}x{index.d}, manifest says "
+                                  f"{entry.count}x{dim}")
+        apply_search_params(index, entry.search_params)
         return index
 
     def load_indexes(self, verify_checksums: bool = True) -> dict[str, CategoryIndex]:
         """Every category's index, ready to search; ArtifactError on a missing, modified or corrupt file."""
         if verify_checksums:
-            index_files = {self._entry(c)[key] for c in self.categories for key in ("index_file", "ids_file")}
-            problems = [p for p in self.verify_files() if p.split(":", 1)[0] in index_files]
+            index_files = {name for c in self.categories for name in (self.entry(c).index_file,
+                                                                       self.entry(c).ids_file)}
+            problems = self.verify_files(index_files)
             if problems:
-                raise ArtifactError(f"index version {self.version} is corrupt: " + "; ".join(problems))
+                raise CorruptArtifact(f"index version {self.version} is corrupt: " + "; ".join(problems))
         indexes = {category: CategoryIndex(category, self.read_index(category), self.read_ids(category))
                    for category in self.categories}
         LOG.info("loaded %d category indexes (%d products) of version %s", len(indexes),
@@ -236,13 +229,7 @@ class Artifact:
         try:
             return json.loads((self.path / PRODUCTS_FILE).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"{self.path / PRODUCTS_FILE} is unreadable: {exc}") from exc
-
-    def _entry(self, category: str) -> dict:
-        try:
-            return self.manifest["categories"][category]
-        except KeyError:
-            raise ArtifactError(f"version {self.version} has no category {category!r}") from None
+            raise CorruptArtifact(f"{self.path / PRODUCTS_FILE} is unreadable: {exc}") from exc
 
 
 def _short(value: object) -> str:
@@ -256,13 +243,13 @@ def open_artifact(root: Path, version: str | None = None) -> Artifact:
     if version is None:
         version = current_version(root)
         if version is None:
-            raise ArtifactError(f"no index version is published under {root} (no valid '{CURRENT_LINK}' link); "
-                                "run `python -m index build` first")
+            raise ArtifactMissing(f"no index version is published under {root} (no valid '{CURRENT_LINK}' link); "
+                                  "run `python -m index build` first")
     path = versions_dir(root) / version
     if not path.is_dir():
-        raise ArtifactError(f"index version {version!r} does not exist under {root}; "
-                            f"available: {list_versions(root)}")
+        raise ArtifactMissing(f"index version {version!r} does not exist under {root}; "
+                              f"available: {list_versions(root)}")
     artifact = Artifact.from_dir(path)
     if artifact.version != version:
-        raise ArtifactError(f"{path} holds manifest of version {artifact.version}, not {version}")
+        raise CorruptArtifact(f"{path} holds manifest of version {artifact.version}, not {version}")
     return artifact

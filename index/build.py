@@ -14,24 +14,31 @@ import faiss
 import numpy as np
 
 from index.ann import DEFAULT_APPROXIMATE, DEFAULT_EXACT_THRESHOLD, Approximate
-from index.artifact import ArtifactError
 from index.embed import embed_product_files
+from index.errors import ArtifactError, Refused
+from index.manifest import Provenance, SplitRecord
 from index.publish import DEFAULT_KEEP, build_lock, clean_stale, publish, staging_dir
 from index.writer import CategoryData, new_version, write_version
+from training.cli import report
+from training.cli.args import add_cache_arg, add_data_arg, add_device_arg, add_progress_arg, add_workers_arg
 from training.data.popularity import Popularity
-from training.data.split import split_by_scene
-from training.data.stl import CategoryMap, STLDataset, STLFormatError
+from training.data.split import SPLIT_FRACTIONS, split_by_scene
+from training.data.stl import CategoryMap, STLDataset
+from training.errors import TrainingError
+from training.fit.features import cache_features
 from training.io import file_sha256
-from training.model.checkpoint import CheckpointMismatch, load_checkpoint, load_embedder
+from training.model.checkpoint import load_checkpoint, load_embedder
 from training.model.embedder import Embedder
 
 LOG = logging.getLogger(__name__)
 
-SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
+def catalogue_fingerprint(dataset: STLDataset, catalogue: list[str]) -> str:
+    """sha256 of the catalogue an index is built from: each product's id, category and image size and mtime.
 
-def data_fingerprint(dataset: STLDataset, catalogue: list[str]) -> str:
-    """sha256 of what the index is built from: each product's id, category and image size and mtime."""
+    Not `training.data.stl.dataset_fingerprint` (which data a head was trained on): this one changes
+    when a product image is replaced, so it also salts the version name.
+    """
     digest = hashlib.sha256()
     for pid in catalogue:
         stat = dataset.product_path(pid).stat()
@@ -49,8 +56,6 @@ def embed_catalogue(dataset: STLDataset, catalogue: list[str], embedder: Embedde
                     batch_size: int, workers: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """Index vectors of the catalogue and a mask of the products that could be embedded."""
     if cache is not None:
-        from training.fit.features import cache_features
-
         # Backbone features already extracted for training are reused; only missing ones are computed.
         features = cache_features(dataset, embedder, cache, pairs=[], products=catalogue,
                                   batch_size=batch_size, workers=workers, progress=progress)
@@ -84,10 +89,13 @@ def build(
     out = Path(out)
     with build_lock(out):
         clean_stale(out)
-        dataset = STLDataset.open(data, on_error="skip")
+        try:
+            dataset = STLDataset.open(data, on_error="skip")
+        except FileNotFoundError as exc:  # not a dataset directory: there is nothing to index
+            raise Refused(f"nothing to index: {exc}") from exc
         catalogue = dataset.catalogue()
         if not catalogue:
-            raise ArtifactError(f"{data} has no product with both a category and an image; nothing to index")
+            raise Refused(f"{data} has no product with both a category and an image; nothing to index")
         embedder = load_embedder(checkpoint, device)
         LOG.info("embedding %d products on %s (faiss GPUs: %d)", len(catalogue), embedder.device,
                  faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0)
@@ -97,7 +105,7 @@ def build(
         skipped = [pid for pid, ok in zip(catalogue, readable, strict=True) if not ok]
         indexed = {pid: row for row, pid in enumerate(catalogue) if readable[row]}
         if not indexed:
-            raise ArtifactError("no product image could be read; nothing to index")
+            raise Refused("no product image could be read; nothing to index")
 
         rows_by_category: dict[str, list[int]] = defaultdict(list)
         for pid, row in indexed.items():
@@ -118,23 +126,23 @@ def build(
         popularity = Popularity.from_pairs((p for p in train_pairs if p.product_id in indexed), indexed_map)
 
         fingerprint = embedder.fingerprint()
-        fingerprint_text = data_fingerprint(dataset, catalogue)
-        version = new_version(f"{fingerprint_text}|{fingerprint['head_sha256']}")
-        info = {
-            "operation": "build",
-            "parent_version": None,
-            "data_root": str(Path(data).resolve()),
-            "data_fingerprint": fingerprint_text,
-            "checkpoint_source": str(Path(checkpoint).resolve()),
-            "checkpoint_source_sha256": file_sha256(checkpoint),
-            "split": {"fractions": list(SPLIT_FRACTIONS), "seed": split_seed, "train_pairs": len(train_pairs)},
-            "skipped_products": skipped,
-            "device": str(embedder.device),
-            "embed_seconds": round(embed_seconds, 3),
-            "embed_products_per_second": round(len(catalogue) / max(embed_seconds, 1e-9), 2),
-        }
+        catalogue_sha256 = catalogue_fingerprint(dataset, catalogue)
+        version = new_version(f"{catalogue_sha256}|{fingerprint['head_sha256']}")
+        provenance = Provenance(
+            operation="build",
+            parent_version=None,
+            data_root=str(Path(data).resolve()),
+            catalogue_fingerprint=catalogue_sha256,
+            checkpoint_source=str(Path(checkpoint).resolve()),
+            checkpoint_source_sha256=file_sha256(checkpoint),
+            split=SplitRecord(SPLIT_FRACTIONS, split_seed, len(train_pairs)),
+            skipped_products=skipped,
+            device=str(embedder.device),
+            embed_seconds=round(embed_seconds, 3),
+            embed_products_per_second=round(len(catalogue) / max(embed_seconds, 1e-9), 2),
+        )
         staging = staging_dir(out, version)
-        write_version(staging, version, categories, fingerprint, Path(checkpoint), popularity, products, info,
+        write_version(staging, version, categories, fingerprint, Path(checkpoint), popularity, products, provenance,
                       exact_threshold, approximate, seed, progress, started=started)
         publish(out, staging, keep)
         return version
@@ -147,21 +155,21 @@ def _image_reference(dataset: STLDataset, product_id: str) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m index build", description=__doc__)
-    parser.add_argument("--data", type=Path, required=True, help="STL-format dataset directory")
+    add_data_arg(parser, help="STL-format dataset directory")
     parser.add_argument("--checkpoint", type=Path, required=True, help="head checkpoint (model.pt)")
     parser.add_argument("--out", type=Path, required=True, help="artifact root (versions/ and current)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--cache", type=Path, default=None, help="backbone feature cache dir to reuse")
+    add_device_arg(parser, strict=True)
+    add_cache_arg(parser, help="backbone feature cache dir to reuse")
     parser.add_argument("--exact-threshold", type=int, default=DEFAULT_EXACT_THRESHOLD,
                         help="categories up to this size get an exact index, larger ones an approximate one")
     parser.add_argument("--approximate", choices=["ivf", "hnsw"], default=DEFAULT_APPROXIMATE)
     parser.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="versions to keep (current always kept)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
+    add_workers_arg(parser, help="image decoding worker processes")
     parser.add_argument("--split-seed", type=int, default=None,
                         help="seed of the train split for popularity (default: the checkpoint's, else 0)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true")
+    add_progress_arg(parser)
     return parser
 
 
@@ -177,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         version = build(args.data, args.checkpoint, args.out, args.device, args.cache, args.exact_threshold,
                         args.approximate, args.keep, args.batch_size, args.workers, args.split_seed, args.seed,
                         progress=not args.no_progress)
-    except (ArtifactError, CheckpointMismatch, STLFormatError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (TrainingError, ArtifactError) as exc:
+        return report(exc)
     print(f"published {version} under {args.out}")
     return 0

@@ -16,15 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from index.artifact import (
-    CURRENT_LINK,
-    PRODUCTS_FILE,
-    Artifact,
-    ArtifactError,
-    current_version,
-    list_versions,
-    versions_dir,
-)
+from index.artifact import CURRENT_LINK, PRODUCTS_FILE, Artifact, current_version, list_versions, versions_dir
+from index.errors import CorruptArtifact, Refused
 
 LOG = logging.getLogger(__name__)
 
@@ -45,7 +38,7 @@ def build_lock(root: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ArtifactError(f"another index build is writing to {root}; wait for it to finish") from None
+            raise Refused(f"another index build is writing to {root}; wait for it to finish") from None
         try:
             yield
         finally:
@@ -77,17 +70,12 @@ def check_staged(path: Path) -> Artifact:
     """Open a staged version and prove it servable: files match their sha256, counts agree, and a few of
     each category's own vectors find themselves among their top results."""
     artifact = Artifact.from_dir(path)
-    problems = artifact.verify_files()
-    listed = set(artifact.manifest.get("files", {}))
-    for category in artifact.categories:
-        entry = artifact.manifest["categories"][category]
-        problems += [f"{entry[key]}: not in the manifest's file list" for key in
-                     ("index_file", "ids_file", "vectors_file") if entry[key] not in listed]
+    problems = artifact.check_files()
     if problems:
-        raise ArtifactError(f"staged version {artifact.version} is incomplete: " + "; ".join(problems))
+        raise CorruptArtifact(f"staged version {artifact.version} is incomplete: " + "; ".join(problems))
     products = artifact.products()
-    if len(products) != sum(artifact.categories.values()) or artifact.manifest["product_count"] != len(products):
-        raise ArtifactError(f"staged version {artifact.version}: {PRODUCTS_FILE} lists {len(products)} products, "
+    if len(products) != sum(artifact.categories.values()) or artifact.manifest.product_count != len(products):
+        raise CorruptArtifact(f"staged version {artifact.version}: {PRODUCTS_FILE} lists {len(products)} products, "
                             f"the categories hold {sum(artifact.categories.values())}")
     indexes = artifact.load_indexes(verify_checksums=False)  # just verified above
     rng = np.random.default_rng(0)
@@ -100,7 +88,7 @@ def check_staged(path: Path) -> Artifact:
             # Identical images give identical vectors: a tie at the top is as good as finding itself.
             tied = bool(hits) and hits[-1][1] >= own_score - 1e-4
             if not (found or tied):
-                raise ArtifactError(f"staged version {artifact.version}: category {category!r} does not find "
+                raise CorruptArtifact(f"staged version {artifact.version}: category {category!r} does not find "
                                     f"product {index.product_ids[row]} with its own vector")
     return artifact
 
@@ -147,12 +135,12 @@ def publish(root: Path, staging: Path, keep: int = DEFAULT_KEEP) -> Artifact:
     target = versions_dir(root) / artifact.version
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
-        raise ArtifactError(f"version {artifact.version} already exists under {root}")
+        raise Refused(f"version {artifact.version} already exists under {root}")
     _fsync_dir(staging)
     os.rename(staging, target)
     _fsync_dir(target.parent)
     switch_current(root, artifact.version)
     LOG.info("published index version %s (%d products in %d categories)", artifact.version,
-             artifact.manifest["product_count"], len(artifact.categories))
+             artifact.manifest.product_count, len(artifact.categories))
     prune(root, keep)
     return Artifact.from_dir(target)

@@ -11,9 +11,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from index.artifact import ArtifactError
 from index.edit import changed, derive, open_current, unchanged
+from index.errors import ArtifactError, Refused
+from index.manifest import Change
 from index.publish import DEFAULT_KEEP, build_lock
+from training.cli import report
+from training.errors import TrainingError
 
 LOG = logging.getLogger(__name__)
 
@@ -31,14 +34,14 @@ def remove_products(root: Path, product_ids: list[str], keep: int = DEFAULT_KEEP
     started = time.perf_counter()
     root = Path(root)
     if not product_ids:
-        raise ArtifactError("nothing published: no product ids given")
+        raise Refused("nothing published: no product ids given")
     with build_lock(root):
         artifact = open_current(root)
         records = artifact.products()
         known = {record["id"]: record["category"] for record in records}
         unknown = sorted({pid for pid in product_ids if pid not in known})
         if unknown:
-            raise ArtifactError(f"nothing published: unknown product id(s) {unknown}")
+            raise Refused(f"nothing published: unknown product id(s) {unknown}")
         doomed = set(product_ids)
         categories = []
         for category in sorted(artifact.categories):
@@ -51,14 +54,14 @@ def remove_products(root: Path, product_ids: list[str], keep: int = DEFAULT_KEEP
                 LOG.warning("category %r has no products left; it is dropped from the index", category)
                 continue
             vectors = artifact.read_vectors(category)[keep_rows]
-            entry = artifact.manifest["categories"][category]
-            index = _refill_ivf(artifact.read_index(category), vectors) if entry["factory"].startswith("IVF") else None
+            is_ivf = artifact.entry(category).factory.startswith("IVF")
+            index = _refill_ivf(artifact.read_index(category), vectors) if is_ivf else None
             categories.append(changed(artifact, category, [ids[row] for row in keep_rows], vectors, index))
         records = [record for record in records if record["id"] not in doomed]
         if not records:
-            raise ArtifactError("nothing published: removing these products would leave the index empty")
-        operation = {"operation": "remove", "ids": sorted(doomed)}
-        version = derive(root, artifact, categories, records, operation, artifact.fingerprint(), keep, started)
+            raise Refused("nothing published: removing these products would leave the index empty")
+        change = Change("remove", sorted(doomed))
+        version = derive(root, artifact, categories, records, change, artifact.fingerprint(), keep, started)
         LOG.info("removed %d products: %s -> %s", len(doomed), artifact.version, version)
         return version
 
@@ -73,10 +76,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.keep < 1:
+        print("error: --keep must be >= 1", file=sys.stderr)
+        return 2
     try:
         version = remove_products(args.artifacts, args.id, args.keep)
-    except (ArtifactError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (TrainingError, ArtifactError) as exc:
+        return report(exc)
     print(f"published {version} with {len(set(args.id))} product(s) removed")
     return 0

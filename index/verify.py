@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from index.ann import RECALL_K, RECALL_TARGET, leave_one_out_recall, tuning_rows
-from index.artifact import Artifact, ArtifactError, open_artifact
+from index.artifact import Artifact, open_artifact
+from index.errors import ArtifactError
+from training.cli import report as report_error
+from training.errors import TrainingError
 from training.io import file_sha256
 from training.model.checkpoint import CheckpointMismatch, load_checkpoint
 
@@ -31,27 +34,27 @@ class Report:
 def check_checkpoint(artifact: Artifact, checkpoint: Path | None) -> list[str]:
     """The artifact's model.pt (and, if given, an outside checkpoint) must be the head the index was built with."""
     problems = []
-    manifest = artifact.manifest
+    built_with = artifact.manifest.embedder
     candidates = [artifact.checkpoint_path] + ([checkpoint] if checkpoint is not None else [])
     for path in candidates:
         if not path.is_file():
             problems.append(f"checkpoint {path}: missing")
             continue
-        if file_sha256(path) != manifest["head_sha256"]:
+        if file_sha256(path) != built_with.head_sha256:
             problems.append(f"checkpoint {path}: sha256 differs from the head the index was built with "
-                            f"({manifest['head_sha256'][:12]})")
+                            f"({built_with.head_sha256[:12]})")
             continue
         try:
             loaded = load_checkpoint(path)
         except CheckpointMismatch as exc:
             problems.append(str(exc))
             continue
-        if loaded.backbone_name != manifest["backbone"] or loaded.backbone_weights_sha256 != manifest[
-                "backbone_weights_sha256"]:
+        if (loaded.backbone_name, loaded.backbone_weights_sha256) != (built_with.backbone,
+                                                                     built_with.backbone_weights_sha256):
             problems.append(f"checkpoint {path}: backbone {loaded.backbone_name!r} differs from the manifest's")
-        if loaded.head_config.out_dim != manifest["dim"]:
+        if loaded.head_config.out_dim != built_with.dim:
             problems.append(f"checkpoint {path}: head gives {loaded.head_config.out_dim}-d vectors, "
-                            f"the index holds {manifest['dim']}-d")
+                            f"the index holds {built_with.dim}-d")
     return problems
 
 
@@ -59,11 +62,7 @@ def verify(root: Path, version: str | None = None, checkpoint: Path | None = Non
            min_recall: float = RECALL_TARGET, queries: int = 256) -> Report:
     artifact = open_artifact(root, version)
     report = Report(artifact.version)
-    report.problems += artifact.verify_files()
-    listed = set(artifact.manifest.get("files", {}))
-    for entry in artifact.manifest["categories"].values():
-        report.problems += [f"{entry[key]}: not recorded in the manifest" for key in
-                            ("index_file", "ids_file", "vectors_file") if entry[key] not in listed]
+    report.problems += artifact.check_files()
     report.problems += check_checkpoint(artifact, checkpoint)
     if report.problems:
         return report  # recall on corrupt files means nothing
@@ -77,8 +76,7 @@ def verify(root: Path, version: str | None = None, checkpoint: Path | None = Non
         report.problems.append(f"products.json lists {len(products)} products, indexes hold "
                                f"{sum(artifact.categories.values())}")
     for category, index in indexes.items():
-        entry = artifact.manifest["categories"][category]
-        if entry["kind"] != "approximate":
+        if artifact.entry(category).kind != "approximate":
             continue
         vectors = artifact.read_vectors(category)
         depth = min(k, len(vectors) - 1)
@@ -104,9 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         report = verify(args.artifacts, args.version, args.checkpoint, args.k, args.min_recall)
-    except ArtifactError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (TrainingError, ArtifactError) as exc:
+        return report_error(exc)
     for category, recall in sorted(report.recall.items()):
         print(f"{category}: recall@{args.k} = {recall:.4f}")
     if report.ok:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import logging
 import os
 import re
@@ -27,9 +27,18 @@ from index.ann import (
     choose_spec,
     tune_search_params,
 )
-from index.artifact import CHECKPOINT_FILE, FORMAT_VERSION, MANIFEST_FILE, POPULARITY_FILE, PRODUCTS_FILE
+from index.artifact import CHECKPOINT_FILE, POPULARITY_FILE, PRODUCTS_FILE
+from index.manifest import (
+    JSON_INDENT,
+    MANIFEST_FILE,
+    CategoryEntry,
+    EmbedderFingerprint,
+    Manifest,
+    Provenance,
+    write_manifest,
+)
 from training.data.popularity import Popularity
-from training.io import file_sha256
+from training.io import file_sha256, write_bytes_atomic, write_json_atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -45,7 +54,7 @@ class CategoryData:
     spec: IndexSpec | None = None
     tuned_recall: float | None = None
     # (version dir, manifest entry) of an unchanged category: its files are linked, not rebuilt.
-    copy_from: tuple[Path, dict] | None = None
+    copy_from: tuple[Path, CategoryEntry] | None = None
 
 
 def category_slug(category: str) -> str:
@@ -61,19 +70,23 @@ def new_version(salt: str) -> str:
     return f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{digest}"
 
 
-def _fsync(path: Path) -> None:
-    # A published version must survive a power cut: data reaches the disk before the rename that publishes it.
-    with path.open("rb") as handle:
-        os.fsync(handle.fileno())
+# Every file goes through training.io's atomic writers, which fsync: a published version must survive a
+# power cut, so its data reaches the disk before the rename that publishes it.
 
 
-def write_json(path: Path, payload: object) -> None:
-    path.write_text(json.dumps(payload, indent=1, sort_keys=False), encoding="utf-8")
-    _fsync(path)
+def write_index(path: Path, index: faiss.Index) -> None:
+    write_bytes_atomic(path, memoryview(faiss.serialize_index(index)))
+
+
+def write_vectors(path: Path, vectors: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, vectors, allow_pickle=False)
+    write_bytes_atomic(path, buffer.getbuffer())
 
 
 def write_category(staging: Path, data: CategoryData, exact_threshold: int = DEFAULT_EXACT_THRESHOLD,
-                   approximate: Approximate = DEFAULT_APPROXIMATE, seed: int = 0, progress: bool = False) -> dict:
+                   approximate: Approximate = DEFAULT_APPROXIMATE, seed: int = 0,
+                   progress: bool = False) -> CategoryEntry:
     """Build (unless given) and write one category's index, ids and vectors; return its manifest entry."""
     if data.copy_from is not None:
         return _link_category(staging, *data.copy_from)
@@ -92,33 +105,22 @@ def write_category(staging: Path, data: CategoryData, exact_threshold: int = DEF
         LOG.info("%s: %s over %d vectors in %.1f s", data.category, spec.factory, len(vectors),
                  time.perf_counter() - started)
     assert spec is not None
-    slug = category_slug(data.category)
-    files = {"index_file": f"{slug}.faiss", "ids_file": f"{slug}.ids.json", "vectors_file": f"{slug}.vectors.npy"}
-    faiss.write_index(index, str(staging / files["index_file"]))
-    _fsync(staging / files["index_file"])
-    write_json(staging / files["ids_file"], list(data.ids))
-    np.save(staging / files["vectors_file"], vectors)
-    _fsync(staging / files["vectors_file"])
-    return {
-        "slug": slug,
-        **files,
-        "count": len(vectors),
-        "kind": spec.kind,
-        "factory": spec.factory,
-        "search_params": dict(spec.search_params),
-        "tuning_recall_at_50": recall,
-    }
+    entry = CategoryEntry.named(category_slug(data.category), len(vectors), spec, recall)
+    write_index(staging / entry.index_file, index)
+    write_json_atomic(staging / entry.ids_file, list(data.ids), indent=JSON_INDENT)
+    write_vectors(staging / entry.vectors_file, vectors)
+    return entry
 
 
-def _link_category(staging: Path, source: Path, entry: dict) -> dict:
+def _link_category(staging: Path, source: Path, entry: CategoryEntry) -> CategoryEntry:
     # Versions are immutable once published, so a hard link is a safe, instant copy; pruning the old
     # version later only drops its name for the file.
-    for key in ("index_file", "ids_file", "vectors_file"):
+    for name in entry.files:
         try:
-            os.link(source / entry[key], staging / entry[key])
+            os.link(source / name, staging / name)
         except OSError:  # another file system, or links not supported
-            shutil.copyfile(source / entry[key], staging / entry[key])
-    return dict(entry)
+            shutil.copyfile(source / name, staging / name)
+    return entry
 
 
 def write_version(
@@ -129,50 +131,42 @@ def write_version(
     checkpoint: Path,
     popularity: Popularity,
     products: list[dict],
-    info: dict,
+    provenance: Provenance,
     exact_threshold: int = DEFAULT_EXACT_THRESHOLD,
     approximate: Approximate = DEFAULT_APPROXIMATE,
     seed: int = 0,
     progress: bool = False,
     started: float | None = None,
-) -> dict:
+) -> Manifest:
     """Fill `staging` with a complete version; the manifest, written last, records every file's sha256.
 
-    `started` (a time.perf_counter() value) is when the whole operation began, for `build_seconds`.
+    `fingerprint` is `Embedder.fingerprint()` of the embedder the vectors came from; `started` (a
+    time.perf_counter() value) is when the whole operation began, for `build_seconds`.
     """
     index_started = time.perf_counter()
     started = index_started if started is None else started
     staging.mkdir(parents=True, exist_ok=False)
-    shutil.copyfile(checkpoint, staging / CHECKPOINT_FILE)
-    _fsync(staging / CHECKPOINT_FILE)
-    entries: dict[str, dict] = {}
+    write_bytes_atomic(staging / CHECKPOINT_FILE, Path(checkpoint).read_bytes())  # a head: a few MB
+    entries: dict[str, CategoryEntry] = {}
     for data in tqdm(sorted(categories, key=lambda c: c.category), desc="index categories", unit="cat",
                      disable=not progress):
         entries[data.category] = write_category(staging, data, exact_threshold, approximate, seed, progress)
-    write_json(staging / PRODUCTS_FILE, products)
+    write_json_atomic(staging / PRODUCTS_FILE, products, indent=JSON_INDENT)
     popularity.to_json(staging / POPULARITY_FILE)
-    _fsync(staging / POPULARITY_FILE)
     files = {entry.name: file_sha256(entry) for entry in sorted(staging.iterdir()) if entry.is_file()}
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "version": version,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "backbone": fingerprint["backbone"],
-        "backbone_weights_sha256": fingerprint["backbone_weights_sha256"],
-        "preprocess": fingerprint["preprocess"],
-        "head_sha256": fingerprint["head_sha256"],
-        "checkpoint_file": CHECKPOINT_FILE,
-        "dim": fingerprint["dim"],
-        "metric": fingerprint["metric"],
-        "embedder": fingerprint,
-        "exact_threshold": exact_threshold,
-        "approximate": approximate,
-        "product_count": sum(entry["count"] for entry in entries.values()),
-        "categories": entries,
-        **info,
-        "index_seconds": round(time.perf_counter() - index_started, 3),
-        "build_seconds": round(time.perf_counter() - started, 3),
-        "files": files,
-    }
-    write_json(staging / MANIFEST_FILE, manifest)
+    manifest = Manifest(
+        version=version,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        embedder=EmbedderFingerprint.from_dict(fingerprint),
+        checkpoint_file=CHECKPOINT_FILE,
+        exact_threshold=exact_threshold,
+        approximate=approximate,
+        product_count=sum(entry.count for entry in entries.values()),
+        categories=entries,
+        provenance=provenance,
+        index_seconds=round(time.perf_counter() - index_started, 3),
+        build_seconds=round(time.perf_counter() - started, 3),
+        files=files,
+    )
+    write_manifest(staging / MANIFEST_FILE, manifest)
     return manifest

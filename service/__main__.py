@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
-# Read by libgomp (torch's OpenMP runtime) once, when torch is first imported: nothing heavy is imported
-# above this line. After each parallel region OpenMP threads spin-wait, 300,000 rounds by default,
-# which suits a tight loop of forward passes but in a server keeps a core busy after every batch while
-# the same cores must decode uploads and answer HTTP. 20,000 still spans the gaps inside one forward
-# pass. Measured on 2 cores, 4 runs: concurrency 32 at 88-93 req/s vs 75-84 with the default.
-os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+# First, before anything imports torch: libgomp reads GOMP_SPINCOUNT once, when torch is first imported
+# (service/process.py says why and what it measured). Nothing heavy is imported above this line.
+from service import process
 
-from pydantic import ValidationError
+process.default_openmp_spin()
 
-from service.settings import Settings, get_settings
+from pydantic import ValidationError  # noqa: E402
+
+from service.settings import Settings, get_settings  # noqa: E402
 
 LOG = logging.getLogger(__name__)
 
@@ -42,11 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from service.app import create_app
-    from service.process import retain_freed_memory
 
     # Steady forward passes without page faults (service/process.py): 71-74 -> 88-96 req/s at
     # concurrency 32 on 2 cores, for the server starts that used to land in glibc's slow state.
-    retain_freed_memory()
+    process.retain_freed_memory()
 
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),

@@ -1,9 +1,22 @@
-"""Dynamic batching: crops of concurrent requests are embedded together in one forward pass.
+"""Dynamic batching: the per-request stages of concurrent requests, their forward passes shared.
 
-A primary worker thread takes every job from the queue. Callers get a future. Under load, requests
-pile up while a batch runs and the next batch takes all of them at once; `max_wait_s` additionally
-waits a little for stragglers, but only once traffic is concurrent, so a lone request pays no
-waiting time.
+The batcher drives a model's three stages (michaelfeil/infinity's shape): `encode_pre(item)` makes
+one request's [3, S, S] crop (decode + crop), `encode_core(batch)` embeds a stack of crops in one
+forward pass, `encode_post(item, vector)` finishes one request (the index search). A caller awaits
+`run(model, item)` and gets `encode_post`'s result, or the exception one of its stages raised; a
+failing `encode_pre` or `encode_post` fails only its own job, a failing `encode_core` every job of
+that pass.
+
+Where `encode_pre` and `encode_post` run is the deployment's choice, made once when the batcher is
+built. Without a pool (on a CPU) the worker runs all three in one go: the forward pass already uses
+every core, so decoding beside it in other threads only preempts its OpenMP threads, and each handoff
+between threads costs latency (measured on 2 cores: p50 at concurrency 1 went from 1.42x to 1.27x the
+bare embedder, and concurrency 32 from ~83 to ~90 req/s). With a pool (on a GPU) they run in the pool,
+so decoding overlaps the GPU's forward pass.
+
+A primary worker thread takes every job from the queue. Under load, requests pile up while a batch
+runs and the next batch takes all of them at once; `max_wait_s` additionally waits a little for
+stragglers, but only once traffic is concurrent, so a lone request pays no waiting time.
 
 On a CPU the batcher can have helper workers (`workers` > 1). A lone request is embedded by the
 primary with all of torch's intra-op threads, which is the fastest way to answer it. When more jobs
@@ -13,15 +26,7 @@ keep N cores busy with no OpenMP barriers between them, where one pass split ove
 whenever the event loop preempts one of its threads (and a small model scales poorly over threads).
 Measured on 2 cores, efficientnet_lite0 in batches of 4: two single-threaded workers 112-125
 crops/s, one two-threaded 98-100. Helpers never create OpenMP teams of their own, so the process
-still has one team (see service/threads.py). On a GPU there is one worker: the GPU is the bottleneck.
-
-A job's crop is either a ready tensor or a function that makes one (decode + crop), which the worker
-then runs just before the forward pass. The service passes functions on a CPU: the forward pass
-already uses every core, so decoding beside it in other threads only preempts its OpenMP threads,
-and each handoff between threads costs latency (measured on 2 cores: p50 at concurrency 1 went from
-1.42x to 1.27x the bare embedder, and concurrency 32 from ~83 to ~90 req/s). On a GPU the crops are
-made in a thread pool instead, so decoding overlaps the GPU's forward pass. For the same reason a job
-can carry a `finish` step (the index search) that the worker runs on its vector.
+still has one team (see service/process.py). On a GPU there is one worker: the GPU is the bottleneck.
 """
 from __future__ import annotations
 
@@ -31,19 +36,30 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from training.model.embedder import Embedder
-
 LOG = logging.getLogger(__name__)
 
-# A [3, S, S] tensor from `embedder.transform`, or a function the worker calls to make it.
-Crop = torch.Tensor | Callable[[], torch.Tensor]
+
+class Stages(Protocol):
+    """What the batcher drives; jobs of one model object share forward passes."""
+
+    def encode_pre(self, item: Any) -> torch.Tensor:
+        """One request's [3, S, S] crop."""
+        ...
+
+    def encode_core(self, batch: torch.Tensor) -> np.ndarray:
+        """[B, dim] vectors of a [B, 3, S, S] stack of crops."""
+        ...
+
+    def encode_post(self, item: Any, vector: np.ndarray) -> Any:
+        """One request's answer from its vector."""
+        ...
 
 
 class BatcherClosed(RuntimeError):
@@ -52,14 +68,15 @@ class BatcherClosed(RuntimeError):
 
 @dataclass
 class _Job:
-    embedder: Embedder
-    crop: Crop
-    finish: Callable[[np.ndarray], Any] | None = None  # run on the vector in the worker; its result is the job's
+    model: Stages
+    item: Any
+    crop: torch.Tensor | None = None  # made already (in the pool); None: the worker runs encode_pre
+    finish: bool = True  # the worker runs encode_post; False: the job's result is the vector
     future: Future = field(default_factory=Future)
 
 
 class Batcher:
-    """Queue of scene crops -> worker threads -> `embedder.embed_batch(stack, "scene")`."""
+    """Queue of jobs -> worker threads -> `model.encode_core(stack)`, each job's pre and post steps around it."""
 
     def __init__(
         self,
@@ -69,9 +86,11 @@ class Batcher:
         name: str = "stl-batcher",
         workers: int = 1,
         threads: int = 0,
+        pool: Executor | None = None,
     ) -> None:
         """`workers` > 1 adds single-threaded helpers for concurrent load (CPU only); `threads` is the
-        primary's intra-op thread count when it runs alone (0: whatever torch has when it starts)."""
+        primary's intra-op thread count when it runs alone (0: whatever torch has when it starts); `pool`
+        runs `run`'s pre and post steps (None: the worker runs them, just before and after the pass)."""
         if max_size < 1:
             raise ValueError(f"max_size must be at least 1, got {max_size}")
         if workers < 1:
@@ -79,6 +98,7 @@ class Batcher:
         self.max_size = max_size
         self.max_wait_s = max(0.0, max_wait_s)
         self._on_batch = on_batch
+        self.pool = pool
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()
@@ -94,19 +114,27 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, embedder: Embedder, crop: Crop, finish: Callable[[np.ndarray], Any] | None = None) -> Future:
-        """Future of the crop's [dim] float32 unit vector, or of `finish(vector)` (run in the worker) when given;
-        or of the exception that making the crop, embedding or finishing raised."""
-        job = _Job(embedder, crop, finish)
+    def submit(self, model: Stages, item: Any) -> Future:
+        """Future of `model.encode_post(item, vector)`, all three stages run by the worker; or of the
+        exception one of them raised."""
+        return self._put(_Job(model, item))
+
+    async def run(self, model: Stages, item: Any) -> Any:
+        """`item`'s answer through the three stages, the pre and post steps wherever this batcher runs them."""
+        # wrap_future: the event loop waits without blocking; cancelling the request cancels the job.
+        if self.pool is None:
+            return await asyncio.wrap_future(self.submit(model, item))
+        loop = asyncio.get_running_loop()
+        crop = await loop.run_in_executor(self.pool, model.encode_pre, item)
+        vector = await asyncio.wrap_future(self._put(_Job(model, item, crop, finish=False)))
+        return await loop.run_in_executor(self.pool, model.encode_post, item, vector)
+
+    def _put(self, job: _Job) -> Future:
         with self._lock:  # so that no job slips in behind the stop sentinel
             if self._closed:
                 raise BatcherClosed("the batcher is shut down")
             self._queue.put(job)
         return job.future
-
-    async def embed(self, embedder: Embedder, crop: Crop, finish: Callable[[np.ndarray], Any] | None = None) -> Any:
-        # wrap_future: the event loop waits without blocking; cancelling the request cancels the job.
-        return await asyncio.wrap_future(self.submit(embedder, crop, finish))
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish the queued jobs, then stop the workers."""
@@ -212,22 +240,22 @@ class Batcher:
                 return
 
     def _process(self, batch: list[_Job]) -> None:
-        # After a hot reload, jobs for the old and the new embedder can share a batch: one pass each.
+        # After a hot reload, jobs for the old and the new model can share a batch: one pass each.
         groups: dict[int, list[tuple[_Job, torch.Tensor]]] = {}
         for job in batch:
             # Jobs whose request went away are dropped before paying for their forward pass.
             if not job.future.set_running_or_notify_cancel():
                 continue
             try:
-                crop = job.crop() if callable(job.crop) else job.crop
+                crop = job.model.encode_pre(job.item) if job.crop is None else job.crop
             except Exception as exc:  # that caller's bad image (a 4xx for it), not the batch's problem
                 job.future.set_exception(exc)
                 continue
-            groups.setdefault(id(job.embedder), []).append((job, crop))
+            groups.setdefault(id(job.model), []).append((job, crop))
         for group in groups.values():
             jobs = [job for job, _ in group]
             try:
-                vectors = jobs[0].embedder.embed_batch(torch.stack([crop for _, crop in group]), "scene")
+                vectors = jobs[0].model.encode_core(torch.stack([crop for _, crop in group]))
             except Exception as exc:  # handed to each caller, who falls back; the worker keeps going
                 LOG.exception("embedding a batch of %d crops failed", len(jobs))
                 for job in jobs:
@@ -237,6 +265,6 @@ class Batcher:
                 self._on_batch(len(jobs))
             for job, vector in zip(jobs, vectors, strict=True):
                 try:
-                    job.future.set_result(vector if job.finish is None else job.finish(vector))
+                    job.future.set_result(job.model.encode_post(job.item, vector) if job.finish else vector)
                 except Exception as exc:  # that caller's search failed: its own fallback, not the batch's
                     job.future.set_exception(exc)

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from training.data.split import split_by_scene
+from training.data.stl import Pair, STLDataset, product_path, scene_path, write_pairs
 from training.model.backbones import load_backbone
 from training.model.checkpoint import Checkpoint, TrainRecord, save_checkpoint
 from training.model.head import CompatibilityHead, HeadConfig
@@ -68,3 +70,72 @@ def write_tiny_dataset(
                 pairs.write(json.dumps({"scene": sid, "product": str(pid), "bbox": [0.1, 0.1, 0.6, 0.7]}) + "\n")
     (root / "categories.json").write_text(json.dumps(product_categories))
     return root
+
+
+# ---------------------------------------------------------------- evaluation (tests/training/eval, cli)
+
+RANKING_CATEGORIES = {
+    **{f"shoe{i}": "Apparel|Shoes" for i in range(7)},
+    **{f"pant{i}": "Apparel|Clothing|Pants" for i in range(4)},
+    "ring0": "Apparel|Jewelry|Rings",  # a one-product category: HR is 1, no negative exists
+}
+RANKING_PRODUCTS = sorted(RANKING_CATEGORIES)
+RANKING_COLD_PRODUCT = "shoe6"  # paired with test scenes only: a cold-start product
+RANKING_SCENES = 80
+
+
+def _solid_jpeg(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (24, 24)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, quality=90)
+
+
+def write_ranking_dataset(root: Path) -> Path:
+    """A tiny STL-format dataset for the evaluation tests: solid-colour images, a skewed pair distribution
+    over products, one cold-start product paired with test scenes only."""
+    rng = np.random.default_rng(0)
+    for index, product in enumerate(RANKING_PRODUCTS):
+        _solid_jpeg(root / "images" / "products" / f"{product}.jpg", (20 * index, 255 - 20 * index, 90))
+    warm = [p for p in RANKING_PRODUCTS if p != RANKING_COLD_PRODUCT]
+    weights = 1.0 / np.array([1 + int(p[-1]) for p in warm]) ** 2  # product 0 of each category most popular
+    weights /= weights.sum()
+    pairs = []
+    for scene in range(RANKING_SCENES):
+        scene_id = f"scene{scene:03d}"
+        _solid_jpeg(root / "images" / "scenes" / f"{scene_id}.jpg", (scene * 3, 128, 255 - scene * 3), (32, 32))
+        for product in rng.choice(warm, size=int(rng.integers(1, 3)), replace=False, p=weights):
+            pairs.append(Pair(scene_id, str(product), (0.1, 0.2, 0.6, 0.9)))
+    test_scenes = sorted({p.scene_id for p in split_by_scene(pairs, seed=0).test})
+    pairs += [Pair(scene_id, RANKING_COLD_PRODUCT, (0.2, 0.1, 0.8, 0.7)) for scene_id in test_scenes[:2]]
+    write_pairs(root / "pairs.jsonl", pairs)
+    (root / "categories.json").write_text(json.dumps(RANKING_CATEGORIES))
+    return root
+
+
+# ---------------------------------------------------------------- feature cache (tests/training/fit, cli)
+
+FEATURE_SCENES = {"s1": (96, 128), "s2": (120, 80), "s3": (64, 64)}
+FEATURE_PRODUCTS = {"p1": "Clothing|Tops", "p2": "Clothing|Tops", "p3": "Shoes|Boots", "p4": "Bags|Totes"}
+FEATURE_PAIRS = [
+    Pair("s1", "p1", (0.1, 0.1, 0.5, 0.6)),
+    Pair("s1", "p3", (0.5, 0.55, 0.9, 0.95)),
+    Pair("s2", "p2", (0.2, 0.2, 0.8, 0.8)),
+    Pair("s2", "p4", (0.2, 0.2, 0.8, 0.8)),  # same crop as the line above: extracted once
+    Pair("s3", "p3", (0.0, 0.0, 1.0, 1.0)),
+]
+
+
+def _noise_jpeg(path: Path, size: tuple[int, int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=90)
+
+
+def write_feature_dataset(root: Path) -> STLDataset:
+    """Three scenes of different sizes, four products, five pairs (two share a crop) for the feature cache tests."""
+    for seed, (scene_id, size) in enumerate(FEATURE_SCENES.items()):
+        _noise_jpeg(scene_path(root, scene_id), size, seed)
+    for seed, product_id in enumerate(FEATURE_PRODUCTS, start=10):
+        _noise_jpeg(product_path(root, product_id), (48, 64), seed)
+    (root / "categories.json").write_text(json.dumps(FEATURE_PRODUCTS))
+    write_pairs(root / "pairs.jsonl", FEATURE_PAIRS)
+    return STLDataset.open(root)

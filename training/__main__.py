@@ -1,4 +1,4 @@
-"""`python -m training <command> ...`: each command is a module with `main(argv)`, imported on use."""
+"""`python -m training <command> ...`: each command is a module of `training.cli` with `main(argv)`, imported on use."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import sys
 from training.cli import dispatch
 
 COMMANDS = {
-    "fetch-stl": ("training.data.fetch", "download STL scene and product images"),
-    "synth": ("training.data.synth.plan", "generate the synthetic STL-format catalogue"),
-    "features": ("training.fit.features", "extract and cache frozen-backbone features"),
-    "train": ("training.fit.run", "train the embedding head on cached features"),
-    "evaluate": ("training.eval.rankers", "HR@K and binary accuracy of models on the test split"),
+    "fetch-stl": ("training.cli.fetch_stl", "download STL scene and product images"),
+    "synth": ("training.cli.synth", "generate the synthetic STL-format catalogue"),
+    "features": ("training.cli.features", "extract and cache frozen-backbone features"),
+    "train": ("training.cli.train", "train the embedding head on cached features"),
+    "evaluate": ("training.cli.evaluate", "HR@K and binary accuracy of models on the test split"),
 }
 
 

@@ -10,8 +10,8 @@ command of `python -m training` and `python -m index`:
     3  unavailable: something the job needs cannot be had here (weights, device, optional package)
     4  mismatch: parts that do not belong together (checkpoint vs backbone, index vs model)
 
-Each kind also keeps the builtin base it always had (ValueError, RuntimeError, KeyError), so existing `except ValueError` callers
-still work.
+Each kind also keeps the builtin base it always had (ValueError, RuntimeError, KeyError), so existing
+`except ValueError` callers still work.
 """
 
 from __future__ import annotations

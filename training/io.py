@@ -34,6 +34,13 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         os.fsync(out.fileno())
 
 
+def write_bytes_atomic(path: str | Path, data: bytes | bytearray | memoryview) -> None:
+    with atomic_path(path) as temp, temp.open("wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+
+
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes, read in 1 MiB blocks (checkpoints and indexes can be large)."""
     digest = hashlib.sha256()

@@ -51,12 +51,13 @@ def test_manifest_describes_the_build(artifacts: Path, checkpoint_path: Path) ->
     artifact = open_artifact(artifacts)
     manifest = artifact.manifest
     embedder = load_embedder(checkpoint_path, "cpu")
-    assert manifest["embedder"] == embedder.fingerprint()
-    assert manifest["backbone"] == "tiny" and manifest["dim"] == 16 and manifest["metric"] == "inner_product"
-    assert manifest["product_count"] == sum(CATEGORIES.values())
-    assert all(entry["kind"] == "exact" and entry["factory"] == "Flat" for entry in manifest["categories"].values())
+    assert manifest.embedder.to_dict() == embedder.fingerprint()
+    assert manifest.embedder.backbone == "tiny" and manifest.embedder.dim == 16
+    assert manifest.embedder.metric == "inner_product"
+    assert manifest.product_count == sum(CATEGORIES.values())
+    assert all(entry.kind == "exact" and entry.factory == "Flat" for entry in manifest.categories.values())
     products = artifact.products()
-    assert {p["id"] for p in products} == {pid for c in manifest["categories"] for pid in artifact.read_ids(c)}
+    assert {p["id"] for p in products} == {pid for c in manifest.categories for pid in artifact.read_ids(c)}
     assert all(p["image"] == f"images/products/{p['id']}.jpg" for p in products)
     assert artifact.verify_files() == []
 
@@ -99,8 +100,8 @@ def test_no_artifact_or_corrupt_index_raises(tmp_path: Path, artifacts: Path) ->
     with pytest.raises(ArtifactError, match="does not exist"):
         open_artifact(artifacts, "19990101T000000.000000Z-deadbeef")
     artifact = open_artifact(artifacts)
-    entry = artifact.manifest["categories"]["Apparel & Accessories|Shoes"]
-    index_file = artifact.path / entry["index_file"]
+    entry = artifact.manifest.categories["Apparel & Accessories|Shoes"]
+    index_file = artifact.path / entry.index_file
     index_file.write_bytes(index_file.read_bytes()[:40])
     with pytest.raises(ArtifactError, match="sha256 differs"):
         artifact.load_indexes()

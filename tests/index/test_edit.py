@@ -8,13 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import index.remove
 from index.add import main as add_main
 from index.artifact import current_version, list_versions, open_artifact
 from index.build import build
 from index.remove import main as remove_main
+from training.errors import EXIT_INPUT, EXIT_MISMATCH
 from training.model.checkpoint import load_embedder
 
-from .conftest import draw_image
+from .conftest import draw_image, make_checkpoint
 
 SHOES = "Apparel & Accessories|Shoes"
 
@@ -34,7 +36,7 @@ def test_add_publishes_a_version_that_finds_the_new_products(artifacts: Path, tm
     assert add_main(["--artifacts", str(artifacts), "--id", "n1", "--category", "Shoes", "--image", str(first),
                      "--from", str(tmp_path / "more.jsonl"), "--device", "cpu"]) == 0
     after = open_artifact(artifacts)
-    assert after.version != before.version and after.manifest["parent_version"] == before.version
+    assert after.version != before.version and after.manifest.provenance.parent_version == before.version
     assert after.categories[SHOES] == before.categories[SHOES] + 1
     assert after.categories["Apparel & Accessories|Clothing|Pants"] == 8
     indexes = after.load_indexes()
@@ -46,8 +48,8 @@ def test_add_publishes_a_version_that_finds_the_new_products(artifacts: Path, tm
     assert after.read_ids(SHOES)[:-1] == before.read_ids(SHOES)
     assert "n1" in {pid for pid, _ in after.popularity.top("Shoes", 100)}
     # The untouched category was carried over byte for byte.
-    bags = after.manifest["categories"]["Apparel & Accessories|Handbags, Wallets & Cases"]
-    assert bags == before.manifest["categories"]["Apparel & Accessories|Handbags, Wallets & Cases"]
+    bags = after.manifest.categories["Apparel & Accessories|Handbags, Wallets & Cases"]
+    assert bags == before.manifest.categories["Apparel & Accessories|Handbags, Wallets & Cases"]
     # The previous version is still there and unchanged.
     assert open_artifact(artifacts, before.version).categories[SHOES] == before.categories[SHOES]
 
@@ -70,20 +72,20 @@ def test_remove_and_add_keep_an_approximate_index_consistent(tmp_path: Path, dat
                                                               checkpoint_path: Path) -> None:
     root = tmp_path / "art"
     build(dataset_dir, checkpoint_path, root, device="cpu", exact_threshold=6, workers=0, progress=False)
-    entry = open_artifact(root).manifest["categories"][SHOES]
-    assert entry["kind"] == "approximate" and entry["factory"].startswith("IVF")
+    entry = open_artifact(root).manifest.categories[SHOES]
+    assert entry.kind == "approximate" and entry.factory.startswith("IVF")
     doomed = open_artifact(root).read_ids(SHOES)[0]
     assert remove_main(["--artifacts", str(root), "--id", doomed]) == 0
     after = open_artifact(root)
     index = after.load_indexes()[SHOES]
-    assert after.manifest["categories"][SHOES]["factory"] == entry["factory"]
+    assert after.manifest.categories[SHOES].factory == entry.factory
     assert [row[0][0] for row in index.search(after.read_vectors(SHOES), 1)] == after.read_ids(SHOES)
     image = tmp_path / "shoe.jpg"
     draw_image(image, np.random.default_rng(3))
     assert add_main(["--artifacts", str(root), "--id", "shoe9", "--category", SHOES, "--image", str(image),
                      "--device", "cpu"]) == 0
     added = open_artifact(root)
-    assert added.manifest["categories"][SHOES]["factory"] == entry["factory"] and added.categories[SHOES] == 9
+    assert added.manifest.categories[SHOES].factory == entry.factory and added.categories[SHOES] == 9
     assert added.load_indexes()[SHOES].search(_embed(root, image), 1)[0][0][0] == "shoe9"
 
 
@@ -118,3 +120,31 @@ def test_bad_remove_publishes_nothing(artifacts: Path, capsys: pytest.CaptureFix
     assert "unknown product id(s) ['ghost']" in capsys.readouterr().err
     assert list_versions(artifacts) == before
     assert add_main(["--artifacts", str(artifacts), "--id", "x"]) == 2
+
+
+def test_add_with_another_embedder_is_a_mismatch(artifacts: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # The artifact's model.pt swapped for another head: the index was built with a different embedder.
+    make_checkpoint(open_artifact(artifacts).checkpoint_path, seed=5)
+    image = tmp_path / "ok.jpg"
+    draw_image(image, np.random.default_rng(0))
+    before = list_versions(artifacts)
+    assert add_main(["--artifacts", str(artifacts), "--id", "n1", "--category", "Shoes", "--image", str(image),
+                     "--device", "cpu"]) == EXIT_MISMATCH
+    assert "built with another embedder" in capsys.readouterr().err
+    assert list_versions(artifacts) == before
+
+
+def test_edit_clis_refuse_bad_arguments_and_let_bugs_raise(artifacts: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    before = list_versions(artifacts)
+    assert remove_main(["--artifacts", str(artifacts), "--id", "p0x000", "--keep", "0"]) == EXIT_INPUT
+    assert add_main(["--artifacts", str(artifacts), "--keep", "0"]) == EXIT_INPUT
+    assert list_versions(artifacts) == before
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(index.remove, "derive", broken)
+    with pytest.raises(ZeroDivisionError):
+        remove_main(["--artifacts", str(artifacts), "--id", "p0x000"])

@@ -24,7 +24,7 @@ def test_pipeline_builds_once_then_reuses_everything(tmp_path: Path, capsys) -> 
     version = current_version(tmp_path / "artifacts")
     head = tmp_path / "work" / "model" / "head.pt"
     assert version is not None and head.is_file()
-    assert open_artifact(tmp_path / "artifacts").manifest["head_sha256"] == file_sha256(head)
+    assert open_artifact(tmp_path / "artifacts").manifest.embedder.head_sha256 == file_sha256(head)
     pairs_before = (tmp_path / "data" / "pairs.jsonl").read_bytes()
     capsys.readouterr()
 

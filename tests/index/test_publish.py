@@ -62,14 +62,14 @@ def test_staged_version_that_fails_its_check_is_not_published(
     artifacts: Path, dataset_dir: Path, checkpoint_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     before = current_version(artifacts)
-    real = index.writer.write_json
+    real = index.writer.write_json_atomic
 
-    def drops_a_product(path: Path, payload: object) -> None:
+    def drops_a_product(path: Path, payload: object, indent: int | None = 2) -> None:
         if path.name == "products.json":
             payload = payload[1:]  # type: ignore[index]
-        real(path, payload)
+        real(path, payload, indent)
 
-    monkeypatch.setattr(index.writer, "write_json", drops_a_product)
+    monkeypatch.setattr(index.writer, "write_json_atomic", drops_a_product)
     with pytest.raises(ArtifactError, match="products.json lists 20 products"):
         _build(dataset_dir, checkpoint_path, artifacts)
     assert current_version(artifacts) == before and list_versions(artifacts) == [before]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import index.verify
 from index.__main__ import main as index_main
 from index.artifact import open_artifact
 from index.build import build
@@ -35,7 +36,7 @@ def test_verify_fails_on_tampered_file_and_foreign_checkpoint(
     assert index_main(["verify", str(artifacts), "--checkpoint", str(other)]) == 1
     assert "sha256 differs from the head" in capsys.readouterr().err
     artifact = open_artifact(artifacts)
-    ids_file = artifact.path / artifact.manifest["categories"]["Apparel & Accessories|Shoes"]["ids_file"]
+    ids_file = artifact.path / artifact.manifest.categories["Apparel & Accessories|Shoes"].ids_file
     ids_file.write_text(ids_file.read_text().replace("p", "q", 1))
     report = verify(artifacts, artifact.version)
     assert not report.ok and any(ids_file.name in problem for problem in report.problems)
@@ -48,3 +49,12 @@ def test_main_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert index_main(["frobnicate"]) == 2
     out = capsys.readouterr().out
     assert all(name in out for name in ("build", "add", "remove", "verify", "pipeline"))
+
+
+def test_verify_lets_a_bug_keep_its_traceback(artifacts: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(index.verify, "check_checkpoint", broken)
+    with pytest.raises(ZeroDivisionError):
+        index_main(["verify", str(artifacts)])

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -13,21 +14,28 @@ from service.batching import Batcher, BatcherClosed
 
 
 class FakeEmbedder:
-    """Returns each crop's first pixel as its vector; the first call blocks until released."""
+    """Stages whose items are crops (or functions making one) and whose vector is each crop's first pixel;
+    the first forward pass blocks until released. `finish`, when given, is the post step."""
 
-    def __init__(self, block_first: bool = False) -> None:
+    def __init__(self, block_first: bool = False, finish=None) -> None:
         self.batches: list[int] = []
         self.release = threading.Event()
         self.started = threading.Event()
+        self.finish = finish
         if not block_first:
             self.release.set()
 
-    def embed_batch(self, batch: torch.Tensor, kind: str) -> np.ndarray:
-        assert kind == "scene"
+    def encode_pre(self, item) -> torch.Tensor:
+        return item() if callable(item) else item
+
+    def encode_core(self, batch: torch.Tensor) -> np.ndarray:
         self.started.set()
         self.release.wait(10)
         self.batches.append(len(batch))
         return batch[:, :, 0, 0].numpy().copy()
+
+    def encode_post(self, item, vector: np.ndarray):
+        return vector if self.finish is None else self.finish(vector)
 
 
 def crop(value: float) -> torch.Tensor:
@@ -54,7 +62,7 @@ def test_queued_requests_share_one_forward_pass() -> None:
 
 def test_failure_reaches_every_caller_and_worker_survives() -> None:
     class Broken(FakeEmbedder):
-        def embed_batch(self, batch, kind):
+        def encode_core(self, batch):
             raise RuntimeError("boom")
 
     batcher = Batcher(max_size=4, max_wait_s=0.0)
@@ -140,10 +148,11 @@ def test_finish_runs_on_the_worker_and_fails_alone() -> None:
             raise LookupError("index broke")
         return float(vector[0] * 2)
 
+    doubling = FakeEmbedder(finish=double)
     try:
-        assert batcher.submit(embedder, crop(3.0), double).result(5) == 6.0
+        assert batcher.submit(doubling, crop(3.0)).result(5) == 6.0
         with pytest.raises(LookupError, match="index broke"):
-            batcher.submit(embedder, crop(-1.0), double).result(5)
+            batcher.submit(doubling, crop(-1.0)).result(5)
         np.testing.assert_array_equal(batcher.submit(embedder, crop(4.0)).result(5), [4, 4, 4])
     finally:
         batcher.close()
@@ -159,8 +168,8 @@ class RecordingEmbedder(FakeEmbedder):
         self.seconds = seconds
         self.passes: list[tuple[str, int, int]] = []
 
-    def embed_batch(self, batch: torch.Tensor, kind: str) -> np.ndarray:
-        vectors = super().embed_batch(batch, kind)
+    def encode_core(self, batch: torch.Tensor) -> np.ndarray:
+        vectors = super().encode_core(batch)
         self.passes.append((threading.current_thread().name, torch.get_num_threads(), len(batch)))
         threading.Event().wait(self.seconds)
         return vectors
@@ -226,3 +235,61 @@ def test_closing_finishes_every_queued_job_and_stops_the_helpers() -> None:
 def test_workers_must_be_positive() -> None:
     with pytest.raises(ValueError, match="workers"):
         Batcher(workers=0)
+
+
+def test_with_a_pool_the_pre_and_post_steps_run_there_and_the_pass_on_the_worker() -> None:
+    # The GPU arrangement: decoding and searching overlap the forward pass in a pool of CPU threads.
+    ran_in: dict[str, list[str]] = {"pre": [], "core": [], "post": []}
+
+    class Recording(FakeEmbedder):
+        def encode_pre(self, item):
+            ran_in["pre"].append(threading.current_thread().name)
+            return super().encode_pre(item)
+
+        def encode_core(self, batch):
+            ran_in["core"].append(threading.current_thread().name)
+            return super().encode_core(batch)
+
+        def encode_post(self, item, vector):
+            ran_in["post"].append(threading.current_thread().name)
+            if vector[0] < 0:
+                raise LookupError("index broke")
+            return float(vector[0]) + 0.5
+
+    async def main(batcher: Batcher) -> list:
+        model = Recording()
+        answers = await asyncio.gather(*(batcher.run(model, crop(float(i))) for i in range(3)))
+        with pytest.raises(LookupError, match="index broke"):
+            await batcher.run(model, crop(-1.0))
+        return answers
+
+    pool = ThreadPoolExecutor(2, thread_name_prefix="test-pool")
+    batcher = Batcher(max_size=8, max_wait_s=0.0, pool=pool)
+    try:
+        assert asyncio.run(main(batcher)) == [0.5, 1.5, 2.5]
+    finally:
+        batcher.close()
+        pool.shutdown()
+    assert len(ran_in["pre"]) == len(ran_in["post"]) == 4
+    assert all(name.startswith("test-pool") for name in ran_in["pre"] + ran_in["post"])
+    assert set(ran_in["core"]) == {"stl-batcher"}
+
+
+def test_without_a_pool_run_keeps_every_stage_on_the_worker() -> None:
+    ran_in: list[str] = []
+
+    class Recording(FakeEmbedder):
+        def encode_pre(self, item):
+            ran_in.append(threading.current_thread().name)
+            return super().encode_pre(item)
+
+        def encode_post(self, item, vector):
+            ran_in.append(threading.current_thread().name)
+            return float(vector[0])
+
+    batcher = Batcher(max_size=8, max_wait_s=0.0)
+    try:
+        assert asyncio.run(batcher.run(Recording(), crop(7.0))) == 7.0
+    finally:
+        batcher.close()
+    assert ran_in == ["stl-batcher", "stl-batcher"]

@@ -68,7 +68,7 @@ def _damage_model(root: Path) -> None:
 
 def _damage_index(root: Path) -> None:
     version = open_artifact(root)
-    index_file = version.manifest["categories"][SHOES]["index_file"]
+    index_file = version.manifest.categories[SHOES].index_file
     (version.path / index_file).write_bytes(b"\x00" * 64)
 
 
@@ -96,7 +96,7 @@ def test_degraded_when_no_valid_model(artifacts: Path, built: dict, damage, use_
 
 def test_embedding_failure_falls_back_and_is_counted(artifacts: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with TestClient(create_app(make_settings(artifacts))) as client:
-        embedder = client.app.state.services.holder.engine.embedder
+        embedder = client.app.state.engine.holder.current.embedder
 
         def broken(*args, **kwargs):
             raise RuntimeError("simulated CUDA error")

@@ -10,7 +10,8 @@ import torch
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from service.app import _batch_workers, create_app
+from service.app import create_app
+from service.engine import batch_workers
 from service.settings import Settings, get_settings
 from tests.service.conftest import make_settings, post
 from tests.service.test_fallback import metric
@@ -70,7 +71,7 @@ def test_settings_reject_nonsense(field: str, value: object) -> None:
 
 
 def test_batch_workers_default_to_one_per_torch_thread_on_a_cpu(tmp_path: Path) -> None:
-    assert _batch_workers(Settings(artifacts=tmp_path, device="cpu")) == torch.get_num_threads()
-    assert _batch_workers(Settings(artifacts=tmp_path, device="cpu", batch_workers=3)) == 3
+    assert batch_workers(Settings(artifacts=tmp_path, device="cpu")) == torch.get_num_threads()
+    assert batch_workers(Settings(artifacts=tmp_path, device="cpu", batch_workers=3)) == 3
     if not torch.cuda.is_available():  # the load reports the missing GPU; no helpers meanwhile
-        assert _batch_workers(Settings(artifacts=tmp_path, device="cuda")) == 1
+        assert batch_workers(Settings(artifacts=tmp_path, device="cuda")) == 1

@@ -1,11 +1,19 @@
+"""Process tuning: malloc thresholds, the OpenMP spin default, thread roles, the faiss thread limit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import faiss
 import pytest
 
-from service.process import retain_freed_memory
+from service.process import FaissThreads, retain_freed_memory, run_in_own_thread
 
 ROOT = Path(__file__).resolve().parents[2]
 glibc_only = pytest.mark.skipif(
@@ -61,3 +69,57 @@ def test_an_operators_malloc_environment_wins() -> None:
 def test_other_platforms_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "platform", "darwin")
     assert retain_freed_memory() is False
+
+
+def _alive(name: str) -> bool:
+    return any(thread.name == name for thread in threading.enumerate())
+
+
+def test_result_and_exception_come_back_and_the_thread_ends() -> None:
+    # Loads run in a thread of their own that ends with them (so its OpenMP team goes away).
+    seen: list[threading.Thread] = []
+
+    def work() -> int:
+        seen.append(threading.current_thread())
+        return 42
+
+    def fail() -> None:
+        raise KeyError("broken")
+
+    async def main() -> int:
+        value = await run_in_own_thread(work, "stl-test-work")
+        with pytest.raises(KeyError, match="broken"):
+            await run_in_own_thread(fail, "stl-test-fail")
+        return value
+
+    assert asyncio.run(main()) == 42
+    assert seen[0] is not threading.main_thread() and seen[0].name == "stl-test-work"
+    seen[0].join(5)
+    assert not seen[0].is_alive() and not _alive("stl-test-fail")
+
+
+def test_faiss_is_held_to_its_threads_during_the_call_only() -> None:
+    before = faiss.omp_get_max_threads()
+    inside = FaissThreads(1).call(faiss.omp_get_max_threads)
+    assert inside == 1 and faiss.omp_get_max_threads() == before
+    with pytest.raises(ZeroDivisionError):
+        FaissThreads(1).call(lambda: 1 / 0)
+    assert faiss.omp_get_max_threads() == before  # restored after a failing call too
+    assert FaissThreads(0).call(faiss.omp_get_max_threads) == before  # 0: faiss's own default
+
+
+_START = """
+import json, os, sys
+import service.__main__
+print(json.dumps({"spin": os.environ.get("GOMP_SPINCOUNT"),
+                  "heavy": sorted(n for n in ("torch", "faiss", "timm", "torchvision") if n in sys.modules)}))
+"""
+
+
+@pytest.mark.parametrize(("env", "spin"), [({}, "20000"), ({"GOMP_SPINCOUNT": "7"}, "7")])
+def test_the_entry_point_sets_the_spin_default_before_anything_heavy(env: dict, spin: str) -> None:
+    clean = {name: value for name, value in os.environ.items() if name != "GOMP_SPINCOUNT"}
+    done = subprocess.run([sys.executable, "-c", _START], cwd=ROOT, env={**clean, **env},
+                          capture_output=True, text=True, check=True)
+    # Nothing heavy is imported yet, so torch, imported later, reads the value; an operator's own wins.
+    assert json.loads(done.stdout) == {"spin": spin, "heavy": []}

@@ -9,20 +9,20 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-import service.engine
+import service.versions
 from service.app import create_app
 from tests.service.conftest import make_settings, post
 
 
 def test_readyz_is_503_loading_until_the_background_load_finishes(artifacts: Path, monkeypatch) -> None:
     release = threading.Event()
-    real_load = service.engine.load_engine
+    real_load = service.versions.load_version
 
     def slow_load(*args, **kwargs):
         release.wait(timeout=30)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(service.engine, "load_engine", slow_load)
+    monkeypatch.setattr(service.versions, "load_version", slow_load)
     with TestClient(create_app(make_settings(artifacts, background_load=True))) as client:
         assert client.get("/healthz").status_code == 200
         loading = client.get("/readyz")
@@ -39,14 +39,14 @@ def test_readyz_is_503_loading_until_the_background_load_finishes(artifacts: Pat
 def test_the_model_is_loaded_in_a_thread_that_ends(artifacts: Path) -> None:
     # A long-lived thread that ran the model would keep its own OpenMP team, slowing the batcher's.
     loaders: list[threading.Thread] = []
-    real_load = service.engine.load_engine
+    real_load = service.versions.load_version
 
     def recording_load(*args, **kwargs):
         loaders.append(threading.current_thread())
         return real_load(*args, **kwargs)
 
     monkey = pytest.MonkeyPatch()
-    monkey.setattr(service.engine, "load_engine", recording_load)
+    monkey.setattr(service.versions, "load_version", recording_load)
     try:
         with TestClient(create_app(make_settings(artifacts, background_load=False))) as client:
             assert client.get("/readyz").json()["status"] == "ready"

@@ -10,15 +10,11 @@ to `<out>/fetch_failures.json`, never raised.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
-import json
 import logging
 import os
 import random
-import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,6 +42,8 @@ from training.data.stl import (
     read_pairs,
     scene_path,
 )
+from training.errors import DataError
+from training.io import copy_atomic, write_json_atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -54,7 +52,6 @@ FAILURES_FILE = "fetch_failures.json"
 TEMP_SUFFIX = ".part"
 # 408/429 are the server asking us to come back later; every 5xx is treated as transient too.
 RETRY_STATUSES = frozenset({408, 425, 429})
-
 
 
 class FetchSettings(BaseSettings):
@@ -91,8 +88,15 @@ class FetchSettings(BaseSettings):
 
 
 def get_settings(**overrides: object) -> FetchSettings:
-    """Settings from the environment, with explicit (non-None) overrides winning."""
-    return FetchSettings(**{key: value for key, value in overrides.items() if value is not None})
+    """Settings from the environment, with explicit (non-None) overrides winning.
+
+    Invalid values raise DataError naming each bad field (FetchSettings itself raises pydantic's error).
+    """
+    try:
+        return FetchSettings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise DataError(f"invalid settings: {errors}") from exc
 
 
 def image_url(base_url: str, image_id: str, size: str = "400x") -> str:
@@ -367,20 +371,6 @@ class FetchReport:
         }
 
 
-def _copy_atomic(source: Path, dest: Path) -> None:
-    if dest.exists() and os.path.samefile(source, dest):
-        return
-    temp = dest.with_name(f".{dest.name}{TEMP_SUFFIX}")
-    shutil.copyfile(source, temp)
-    os.replace(temp, dest)
-
-
-def _write_json_atomic(path: Path, payload: object) -> None:
-    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
-    temp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(temp, path)
-
-
 def fetch_dataset(
     pairs_file: str | Path,
     categories_file: str | Path,
@@ -393,19 +383,22 @@ def fetch_dataset(
     """Build an STL dataset directory at `out`: copy the pair and category files, fetch the images,
     write `fetch_failures.json`, and check which pairs `STLDataset.open(out, on_error="skip")` keeps.
 
-    Raises FileNotFoundError / STLFormatError for unusable input files; download failures never raise.
+    Raises DataError ("cannot read input: ...") for unusable input files; download failures never raise.
     """
     pairs_file, categories_file, out = Path(pairs_file), Path(categories_file), Path(out)
-    categories = CategoryMap.from_file(categories_file)
     issues = LoadReport()
-    pairs = read_pairs(pairs_file, categories, on_error="skip", report=issues)
+    try:
+        categories = CategoryMap.from_file(categories_file)
+        pairs = read_pairs(pairs_file, categories, on_error="skip", report=issues)
+    except (FileNotFoundError, STLFormatError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read input: {exc}") from exc
     if issues.skipped:
         LOG.warning("%d records of %s skipped (see %s)", issues.skipped, pairs_file, FAILURES_FILE)
     for folder in (SCENES_DIR, PRODUCTS_DIR):
         (out / folder).mkdir(parents=True, exist_ok=True)
     # Copied first, so even an interrupted fetch leaves a directory STLDataset can open.
-    _copy_atomic(pairs_file, out / PAIRS_FILE)
-    _copy_atomic(categories_file, out / CATEGORIES_FILE)
+    copy_atomic(pairs_file, out / PAIRS_FILE)
+    copy_atomic(categories_file, out / CATEGORIES_FILE)
     removed = remove_stale_temp_files([out / SCENES_DIR, out / PRODUCTS_DIR])
     if removed:
         LOG.info("removed %d partial files left by an interrupted run", removed)
@@ -427,106 +420,5 @@ def fetch_dataset(
         usable_pairs=len(dataset.pairs),
         pairs_missing_images=[str(issue) for issue in dataset.report.issues if issue.line not in invalid_lines],
     )
-    _write_json_atomic(out / FAILURES_FILE, report.to_dict(settings))
+    write_json_atomic(out / FAILURES_FILE, report.to_dict(settings))
     return report
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training fetch-stl",
-        description="Download STL scene and product images into an STL dataset directory. Resumable: "
-        "images already present are skipped. Exits 0 when the run completes, even if some images "
-        f"failed (they are listed in OUT/{FAILURES_FILE}); 2 for usage errors.",
-    )
-    parser.add_argument("--pairs", type=Path, required=True, help="pair file (JSON lines, upstream fashion.json)")
-    parser.add_argument("--categories", type=Path, required=True, help="category file (upstream fashion-cat.json)")
-    parser.add_argument("--out", type=Path, required=True, help="dataset directory to create or resume")
-    parser.add_argument("--all-products", action="store_true",
-                        help="also fetch products that appear only in the category file")
-    parser.add_argument("--base-url", help=f"image CDN base URL (default {DEFAULT_BASE_URL}; env STL_FETCH_BASE_URL)")
-    parser.add_argument("--size", help="size folder on the CDN (default 400x; env STL_FETCH_SIZE)")
-    parser.add_argument("--concurrency", type=int, help="parallel downloads (default 16)")
-    parser.add_argument("--retries", type=int, help="retries per image on transient errors (default 4)")
-    parser.add_argument("--timeout", type=float, help="seconds per attempt (default 30)")
-    parser.add_argument("--backoff", type=float, dest="backoff_base",
-                        help="first retry delay in seconds, doubled each retry (default 0.5)")
-    parser.add_argument("--no-verify", action="store_true", help="do not decode bodies with PIL")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--show-failures", type=int, default=20, help="failures to print (all are in the JSON)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    # httpx logs every request at INFO: tens of thousands of lines that would bury the summary.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    try:
-        settings = get_settings(
-            base_url=args.base_url,
-            size=args.size,
-            concurrency=args.concurrency,
-            retries=args.retries,
-            timeout=args.timeout,
-            backoff_base=args.backoff_base,
-            verify_images=False if args.no_verify else None,
-        )
-    except ValidationError as exc:
-        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        print(f"fetch-stl: invalid settings: {errors}", file=sys.stderr)
-        return 2
-    for label, path in (("--pairs", args.pairs), ("--categories", args.categories)):
-        if not path.is_file():
-            print(f"fetch-stl: {label} {path} is not a file", file=sys.stderr)
-            return 2
-    if args.out.exists() and not args.out.is_dir():
-        print(f"fetch-stl: --out {args.out} exists and is not a directory", file=sys.stderr)
-        return 2
-
-    from tqdm import tqdm  # CLI-only dependency of the progress bar
-
-    bar: tqdm | None = None
-
-    def on_plan(jobs: list[FetchJob]) -> None:
-        nonlocal bar
-        bar = tqdm(total=len(jobs), unit="img", desc="fetch-stl", disable=args.no_progress)
-
-    failed = 0
-
-    def on_outcome(outcome: Outcome) -> None:
-        nonlocal failed
-        if bar is None:
-            return
-        if not outcome.ok:
-            failed += 1
-            bar.set_postfix(failed=failed, refresh=False)
-        bar.update(1)
-
-    try:
-        report = fetch_dataset(args.pairs, args.categories, args.out, settings, args.all_products,
-                               on_outcome, on_plan)
-    except (STLFormatError, UnicodeDecodeError) as exc:
-        print(f"fetch-stl: cannot read input: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        # Every saved image is complete (atomic rename), so a rerun resumes from here.
-        print(f"\nfetch-stl: interrupted; rerun the same command to resume into {args.out}", file=sys.stderr)
-        return 130
-    finally:
-        if bar is not None:
-            bar.close()
-
-    result = report.result
-    print(f"images: {result.downloaded} downloaded, {result.skipped} already present, "
-          f"{len(result.failures)} failed")
-    print(f"pairs: {report.usable_pairs} usable, {len(report.pairs_missing_images)} missing an image, "
-          f"{len(report.pair_file_issues)} invalid in {args.pairs}")
-    if result.failures:
-        print("failures (id, kind, url, status or error):")
-        for failure in result.failures[: args.show_failures]:
-            status = failure.status if failure.status is not None else "-"
-            print(f"  {failure.id}\t{failure.kind}\t{failure.url}\t{status}\t{failure.error}")
-        hidden = len(result.failures) - args.show_failures
-        if hidden > 0:
-            print(f"  ... and {hidden} more")
-    print(f"report: {args.out / FAILURES_FILE} (exit code 0: the run completed; rerun to retry failures)")
-    return 0

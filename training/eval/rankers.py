@@ -1,46 +1,47 @@
-"""`python -m training evaluate`: HR@K, binary accuracy and AUC of models on the held-out scenes.
+"""HR@K, binary accuracy and AUC of models on the held-out scenes (`python -m training evaluate`).
 
 Every query (a test pair) ranks ALL catalogue products of its positive's category. Models are
-"rankers" that score queries against candidates; `evaluate_models` is the library entry point the
-trainer (early stopping on the validation split) and the benchmarks call.
+"rankers" that score queries against candidates; `evaluate_models` compares rankers on one split part
+(the benchmarks call it), `evaluate_dataset` is the whole command: models by name, metrics.json, the plot.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
 from training.data.popularity import Popularity
 from training.data.split import Split, split_by_scene
-from training.data.stl import Pair, STLDataset, STLFormatError
+from training.data.stl import Pair, STLDataset
+from training.errors import DataError
 from training.eval.metrics import (
     DEFAULT_KS,
     auc_per_query,
     binary_outcomes,
     hit_rate_at_k,
     mean_reciprocal_rank,
-    plot_hr_curves,
     positive_ranks,
     random_hit_rate,
     sample_negatives,
 )
+from training.eval.plot import plot_hr_curves
+from training.fit.features import cache_features
+from training.io import write_json_atomic
+from training.model.backbones import load_backbone
 from training.model.checkpoint import load_embedder
-
-if TYPE_CHECKING:
-    from training.model.embedder import Embedder
+from training.model.embedder import Embedder
 
 LOG = logging.getLogger(__name__)
 
 Part = Literal["train", "val", "test"]
+METRICS_FILE = "metrics.json"
+PLOT_FILE = "hr_at_k.png"
 QUERY_CHUNK = 1024  # queries scored at once: bounds the [queries, candidates] matrix (~50 MB for 12k products)
 
 
@@ -199,11 +200,11 @@ def evaluate_models(
     candidates = candidates if candidates is not None else candidates_by_category(dataset)
     for category, products in candidates.items():
         if list(products) != sorted(products):
-            raise ValueError(f"candidates of {category!r} must be sorted by product id (the tie-break order)")
+            raise DataError(f"candidates of {category!r} must be sorted by product id (the tie-break order)")
     popularity = popularity if popularity is not None else Popularity.from_pairs(split.train, dataset.categories)
     groups, queries = _groups(queries_all, dataset, candidates, seed)
     if not queries:
-        raise ValueError(f"the {part} split has no pairs to evaluate ({len(queries_all)} before filtering)")
+        raise DataError(f"the {part} split has no pairs to evaluate ({len(queries_all)} before filtering)")
     n = len(queries)
     cold = np.fromiter((popularity.count(q.product_id) == 0 for q in queries), dtype=bool, count=n)
     n_candidates = np.empty(n, dtype=np.int64)
@@ -214,7 +215,7 @@ def evaluate_models(
     models: dict[str, dict] = {}
     for ranker in rankers:
         if ranker.name in models:
-            raise ValueError(f"two models are named {ranker.name!r}; names must be unique")
+            raise DataError(f"two models are named {ranker.name!r}; names must be unique")
         ranks = np.empty(n, dtype=np.int64)
         aucs = np.empty(n, dtype=np.float64)
         outcomes = np.empty(n, dtype=np.float64)
@@ -248,34 +249,36 @@ def evaluate_models(
             "n_left_out": len(getattr(split, part)) - n}
 
 
-# ---------------------------------------------------------------- CLI
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """What `evaluate` compares and on what: models ('popularity', 'knn' or checkpoint paths) and the split."""
+
+    models: tuple[str, ...]
+    part: Part = "test"
+    ks: tuple[int, ...] = DEFAULT_KS
+    split_seed: int = 0
+    seed: int = 0  # of the binary-accuracy negatives
+    backbone: str = "efficientnet_lite0"  # of the knn baseline; checkpoints name their own
+    backbone_weights: Path | None = None
+    context: float = 0.1  # of the knn baseline; checkpoints carry their own
+
+    def __post_init__(self) -> None:
+        if any(k < 1 for k in self.ks):
+            raise DataError(f"every --ks value must be >= 1, got {list(self.ks)}")
+        if self.context < 0:
+            raise DataError("--context and --workers must be >= 0 and --batch-size >= 1")
+        if not self.models:
+            raise DataError("no --model to evaluate")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training evaluate",
-        description="Rank all products of each test pair's category; report HR@K, binary accuracy and AUC.",
-    )
-    parser.add_argument("--data", type=Path, required=True, help="STL dataset directory")
-    parser.add_argument("--model", action="append", required=True, dest="models",
-                        help="'popularity', 'knn' (untrained backbone) or a head checkpoint path; repeatable")
-    parser.add_argument("--out", type=Path, required=True, help="writes metrics.json and hr_at_k.png here")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the scene split (as in training)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the binary-accuracy negatives")
-    parser.add_argument("--part", choices=["val", "test"], default="test", help="which split part to rank")
-    parser.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS), help="K values of HR@K")
-    parser.add_argument("--backbone", default="efficientnet_lite0", help="backbone of the knn baseline")
-    parser.add_argument("--backbone-weights", type=Path, default=None, help="weights file for the backbone")
-    parser.add_argument("--context", type=float, default=0.1,
-                        help="context margin around a scene crop's bbox for the knn baseline (checkpoints "
-                             "carry their own)")
-    parser.add_argument("--cache", type=Path, default=None,
-                        help="feature cache directory (default: <data>/.cache/features)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--batch-size", type=int, default=64, help="feature extraction batch size")
-    parser.add_argument("--workers", type=int, default=2, help="image decoding workers")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser
+@dataclass
+class Evaluation:
+    """What `evaluate_dataset` wrote: `results` as `evaluate_models` returns them, and the files."""
+
+    results: dict
+    ks: list[int]
+    metrics_path: Path
+    plot_path: Path
 
 
 def _unique_name(name: str, taken: set[str]) -> str:
@@ -286,24 +289,21 @@ def _unique_name(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def _embedders(args: argparse.Namespace) -> list[tuple[str, Embedder]]:
+def _embedders(options: EvaluateOptions, device: str) -> list[tuple[str, Embedder]]:
     """(name, embedder) for every non-popularity --model, in the order given."""
-    from training.model.backbones import load_backbone
-    from training.model.embedder import Embedder
-
     embedders: list[tuple[str, Embedder]] = []
     taken = {"popularity"}
-    for spec in args.models:
+    for spec in options.models:
         if spec == "popularity":
             continue
         if spec == "knn":
-            backbone = load_backbone(args.backbone, args.backbone_weights)
-            embedders.append((_unique_name("knn", taken), Embedder(backbone, None, args.context, args.device)))
+            backbone = load_backbone(options.backbone, options.backbone_weights)
+            embedders.append((_unique_name("knn", taken), Embedder(backbone, None, options.context, device)))
             continue
         path = Path(spec)
         if not path.is_file():
-            raise FileNotFoundError(f"--model {spec!r} is not 'popularity', 'knn' or an existing checkpoint file")
-        embedder = load_embedder(path, args.device, args.backbone_weights)
+            raise DataError(f"--model {spec!r} is not 'popularity', 'knn' or an existing checkpoint file")
+        embedder = load_embedder(path, device, options.backbone_weights)
         embedders.append((_unique_name(path.stem, taken), embedder))
     return embedders
 
@@ -315,15 +315,12 @@ class _Plan:
     keep: Callable[[Pair], bool] | None  # the same queries for every model
 
 
-def _build_rankers(args: argparse.Namespace, dataset: STLDataset, queries: Sequence[Pair],
-                   popularity: Popularity) -> _Plan:
-    embedders = dict(_embedders(args))
+def _build_rankers(options: EvaluateOptions, dataset: STLDataset, queries: Sequence[Pair], popularity: Popularity,
+                   cache_root: Path, device: str, batch_size: int, workers: int, progress: bool) -> _Plan:
+    embedders = dict(_embedders(options, device))
     grouped = candidates_by_category(dataset)
     features_by_backbone: dict[tuple[str, str, str], FeatureSource] = {}
     if embedders:
-        from training.fit.features import cache_features
-
-        cache_root = args.cache if args.cache is not None else args.data / ".cache" / "features"
         needed = sorted({dataset.categories.of(q.product_id) for q in queries if q.product_id in dataset.categories})
         products = [pid for category in needed for pid in grouped.get(category, [])]
         for embedder in embedders.values():
@@ -333,7 +330,7 @@ def _build_rankers(args: argparse.Namespace, dataset: STLDataset, queries: Seque
             if key not in features_by_backbone:
                 features_by_backbone[key] = cache_features(
                     dataset, embedder, cache_root, pairs=list(queries), products=products,
-                    batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
+                    batch_size=batch_size, workers=workers, progress=progress,
                 )
     sources = list(features_by_backbone.values())
     keep: Callable[[Pair], bool] | None = None
@@ -354,7 +351,7 @@ def _build_rankers(args: argparse.Namespace, dataset: STLDataset, queries: Seque
 
     rankers: list[Ranker] = []
     embedder_names = iter(embedders)
-    for spec in args.models:
+    for spec in options.models:
         if spec == "popularity":
             if not any(r.name == "popularity" for r in rankers):  # asked twice: evaluate once
                 rankers.append(PopularityRanker(popularity))
@@ -382,52 +379,47 @@ def format_table(results: dict, ks: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    ks = sorted(set(args.ks))
-    if any(k < 1 for k in ks):
-        print(f"error: every --ks value must be >= 1, got {args.ks}", file=sys.stderr)
-        return 2
-    if args.context < 0 or args.batch_size < 1 or args.workers < 0:
-        print("error: --context and --workers must be >= 0 and --batch-size >= 1", file=sys.stderr)
-        return 2
-    try:
-        dataset = STLDataset.open(args.data)
-    except (FileNotFoundError, STLFormatError) as exc:
-        print(f"error: cannot open dataset {args.data}: {exc}", file=sys.stderr)
-        return 2
-    split = split_by_scene(dataset.pairs, seed=args.split_seed)
-    queries = getattr(split, args.part)
-    if not queries:
-        print(f"error: the {args.part} split of {args.data} is empty ({len(dataset.pairs)} pairs in all)",
-              file=sys.stderr)
-        return 2
-    popularity = Popularity.from_pairs(split.train, dataset.categories)
-    try:
-        plan = _build_rankers(args, dataset, queries, popularity)
-        results = evaluate_models(dataset, split, plan.rankers, ks, args.seed, args.part, popularity,
-                                  plan.candidates, plan.keep)
-    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as exc:
-        # CheckpointMismatch is a ValueError; BackboneUnavailable and FeatureCacheError are RuntimeErrors:
-        # each carries a message that says what to do.
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def evaluate_dataset(
+    data: str | Path,
+    out: str | Path,
+    options: EvaluateOptions,
+    cache: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    workers: int = 2,
+    progress: bool = True,
+) -> Evaluation:
+    """Split the dataset by scene, rank one part with every model; write OUT/metrics.json and OUT/hr_at_k.png.
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    `cache` (default <data>/.cache/features) holds the backbone features; models sharing a backbone and
+    preprocessing share one extraction.
+    """
+    if batch_size < 1 or workers < 0:
+        raise DataError("--context and --workers must be >= 0 and --batch-size >= 1")
+    data, out = Path(data), Path(out)
+    ks = sorted(set(options.ks))
+    try:
+        dataset = STLDataset.open(data)
+    except (FileNotFoundError, DataError) as exc:
+        raise DataError(f"cannot open dataset {data}: {exc}") from exc
+    split = split_by_scene(dataset.pairs, seed=options.split_seed)
+    queries = getattr(split, options.part)
+    if not queries:
+        raise DataError(f"the {options.part} split of {data} is empty ({len(dataset.pairs)} pairs in all)")
+    popularity = Popularity.from_pairs(split.train, dataset.categories)
+    cache_root = Path(cache) if cache is not None else data / ".cache" / "features"
+    plan = _build_rankers(options, dataset, queries, popularity, cache_root, device, batch_size, workers, progress)
+    results = evaluate_models(dataset, split, plan.rankers, ks, options.seed, options.part, popularity,
+                              plan.candidates, plan.keep)
+
     config = {
-        "data": str(args.data), "part": args.part, "split_seed": args.split_seed, "seed": args.seed,
-        "ks": ks, "models": args.models, "backbone": args.backbone, "context": args.context,
+        "data": str(data), "part": options.part, "split_seed": options.split_seed, "seed": options.seed,
+        "ks": ks, "models": list(options.models), "backbone": options.backbone, "context": options.context,
         "n_pairs": len(dataset.pairs), "n_train": len(split.train), "n_val": len(split.val),
         "n_test": len(split.test), "n_left_out": results["n_left_out"],
     }
-    metrics = {"models": results["models"], "random": results["random"], "config": config}
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    plot_hr_curves({name: m["hr"] for name, m in results["models"].items()}, results["random"],
-                   args.out / "hr_at_k.png", title=f"HR@K on the {args.part} split ({results['n_queries']} pairs)")
-    print(format_table(results, ks))
-    print(f"wrote {args.out / 'metrics.json'} and {args.out / 'hr_at_k.png'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / METRICS_FILE, {"models": results["models"], "random": results["random"], "config": config})
+    plot_hr_curves({name: m["hr"] for name, m in results["models"].items()}, results["random"], out / PLOT_FILE,
+                   title=f"HR@K on the {options.part} split ({results['n_queries']} pairs)")
+    return Evaluation(results, ks, out / METRICS_FILE, out / PLOT_FILE)

@@ -15,7 +15,6 @@ live in `cache_root/<backbone>-<weights_sha[:12]>-<preprocess_sha[:12]>/`:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import json
@@ -32,10 +31,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from training.data.stl import KINDS, BBox, Kind, Pair, STLDataset, STLFormatError
-from training.errors import TrainingError
+from training.data.stl import KINDS, BBox, Kind, Pair, STLDataset
+from training.errors import DataError, TrainingError
 from training.io import write_text_atomic
-from training.model.backbones import BackboneUnavailable, available, load_backbone
+from training.model.backbones import load_backbone
 from training.model.embedder import Embedder
 from training.model.preprocess import Preprocess, load_crop
 
@@ -378,9 +377,9 @@ def cache_features(
     or crop are logged, recorded in `failed.jsonl` and skipped (`CachedFeatures.has_scene` says which).
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
     if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
+        raise DataError(f"workers must be >= 0, got {workers}")
     pairs = dataset.pairs if pairs is None else pairs
     products = dataset.catalogue() if products is None else products
     directory = cache_dir(cache_root, embedder)
@@ -452,40 +451,26 @@ def _extract(directory: Path, embedder: Embedder, missing: list[_Item], batch_si
     return computed
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training features", description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="STL dataset directory")
-    parser.add_argument("--cache", type=Path, required=True, help="feature cache root")
-    parser.add_argument("--backbone", default="efficientnet_lite0", choices=available())
-    parser.add_argument("--backbone-weights", type=Path, default=None, help="weights file overriding the default")
-    parser.add_argument("--context", type=float, default=0.1,
-                        help="fraction of the bbox's size added on each side of a scene crop")
-    parser.add_argument("--jpeg-draft", action="store_true",
-                        help="decode big JPEGs at reduced scale when the crop allows (faster, slightly "
-                             "different pixels: part of the cache key)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2, help="decoding worker processes (0: in process)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--no-progress", action="store_true")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+def extract_features(
+    data: str | Path,
+    cache_root: str | Path,
+    backbone: str,
+    backbone_weights: str | Path | None = None,
+    context: float = 0.1,
+    jpeg_draft: bool = False,
+    device: str = "auto",
+    batch_size: int = 64,
+    workers: int = 2,
+    progress: bool = True,
+) -> CachedFeatures:
+    """Cache the backbone features of a whole dataset (records that do not load are skipped); open the cache."""
+    if context < 0:
+        raise DataError(f"--context must be >= 0, got {context}")
     try:
-        dataset = STLDataset.open(args.data, on_error="skip")
-        backbone = load_backbone(args.backbone, args.backbone_weights)
-        embedder = Embedder(backbone, context=args.context, device=args.device, jpeg_draft=args.jpeg_draft)
-        cached = cache_features(dataset, embedder, args.cache, batch_size=args.batch_size, workers=args.workers,
-                                progress=not args.no_progress)
-    except (FileNotFoundError, STLFormatError, BackboneUnavailable, FeatureCacheError, ValueError) as exc:
-        print(f"error: {exc}")
-        return 2
-    print(json.dumps({
-        "cache": str(cached.directory),
-        "scene_crops": cached.n_scenes,
-        "products": cached.n_products,
-        "computed": cached.computed,
-        "failed": len(cached.failed_scenes) + len(cached.failed_products),
-    }, indent=2))
-    return 0
+        dataset = STLDataset.open(data, on_error="skip")
+    except FileNotFoundError as exc:  # STLDataset.open's other failures are DataErrors already
+        raise DataError(f"cannot open dataset {data}: {exc}") from exc
+    embedder = Embedder(load_backbone(backbone, backbone_weights), context=context, device=device,
+                        jpeg_draft=jpeg_draft)
+    return cache_features(dataset, embedder, Path(cache_root), batch_size=batch_size, workers=workers,
+                          progress=progress)

@@ -172,10 +172,4 @@ def candidate_mask(
     )
 
 
-def make_miner(kind: str, margin: float, max_per_anchor: int | None = 32) -> TripletMiner:
-    if kind not in MINER_KINDS:
-        raise ValueError(f"unknown miner {kind!r}; choose one of {list(MINER_KINDS)}")
-    return TripletMiner(kind, margin, max_per_anchor)  # type: ignore[arg-type]
-
-
 MINER_KINDS: Sequence[str] = ("all", "semihard", "hard", "hardest", "random")

@@ -1,37 +1,30 @@
-"""`python -m training train`: split by scene, cache backbone features, train the head, save a checkpoint.
+"""The training run (`python -m training train`): split by scene, cache backbone features, train the head, save.
 
-Writes OUT/head.pt (the checkpoint: head weights plus everything to rebuild the embedder),
-OUT/config.json (the resolved arguments) and OUT/train_log.json (per-epoch loss and val HR@K).
-Re-running with the same arguments on the same data finds the complete checkpoint and stops early;
-features are cached, so retraining (--force, or new hyperparameters) takes seconds.
+`fit_head` writes OUT/head.pt (the checkpoint: head weights plus everything to rebuild the embedder),
+OUT/config.json (the resolved options) and OUT/train_log.json (per-epoch loss and val HR@K).
+Re-running with the same options on the same data finds the complete checkpoint and stops early;
+features are cached, so retraining (force, or new hyperparameters) takes seconds.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from training.data.split import split_by_scene
-from training.data.stl import (
-    Pair,
-    STLDataset,
-    dataset_fingerprint,
-)
-from training.fit.mining import MINER_KINDS
-from training.fit.trainer import LOSSES, PairFeatures, Products, TrainConfig, hit_rates, train_head
+from training.data.stl import Pair, STLDataset, dataset_fingerprint
+from training.errors import DataError
+from training.fit.features import CachedFeatures, cache_features
+from training.fit.trainer import PairFeatures, Products, TrainConfig, hit_rates, train_head
+from training.io import write_json_atomic
+from training.model.backbones import load_backbone
 from training.model.checkpoint import Checkpoint, CheckpointMismatch, TrainRecord, load_checkpoint, save_checkpoint
+from training.model.embedder import Embedder
 from training.model.head import HeadConfig
-
-if TYPE_CHECKING:
-    from training.fit.features import CachedFeatures
 
 LOG = logging.getLogger(__name__)
 
@@ -40,81 +33,83 @@ CONFIG_FILE = "config.json"
 LOG_FILE = "train_log.json"
 REPORT_KS = (1, 10, 50)
 DEFAULTS = TrainConfig()
-# Arguments that do not change the trained weights, so they do not make a checkpoint stale.
-_NOT_CONFIG = {"out", "cache", "device", "force", "no_progress", "workers", "feature_batch_size"}
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training train", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="STL dataset directory")
-    parser.add_argument("--out", type=Path, required=True, help="output directory for head.pt, config.json, log")
-    parser.add_argument("--backbone", default="efficientnet_lite0", help="frozen backbone (registry name)")
-    parser.add_argument("--backbone-weights", type=Path, default=None, help="weights file for the backbone")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--context", type=float, default=0.1, help="context margin around a scene crop's bbox")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
-    parser.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
-    parser.add_argument("--margin", type=float, default=DEFAULTS.margin, help="triplet loss margin")
-    parser.add_argument("--loss", choices=LOSSES, default=DEFAULTS.loss,
-                        help="triplet distance: l2 (squared, the paper's) or cosine")
-    parser.add_argument("--miner", choices=MINER_KINDS, default=DEFAULTS.miner, help="triplet selection")
-    parser.add_argument("--triplets-per-anchor", type=int, default=DEFAULTS.triplets_per_anchor,
-                        help="most triplets the miner keeps per anchor")
-    parser.add_argument("--negatives", type=int, default=DEFAULTS.negatives,
-                        help="sampled same-category negatives per pair (besides in-batch ones)")
-    parser.add_argument("--hard-pool", type=int, default=DEFAULTS.hard_pool,
-                        help="draw half the sampled negatives from the model's top-N near misses (0: off)")
-    parser.add_argument("--categories-per-batch", type=int, default=DEFAULTS.categories_per_batch,
-                        help="categories a batch is drawn from (0: plain shuffle)")
-    parser.add_argument("--patience", type=int, default=DEFAULTS.patience, help="early stopping patience (epochs)")
-    parser.add_argument("--hidden-dim", type=int, default=512)
-    parser.add_argument("--dim", type=int, default=128, help="embedding dimension")
-    parser.add_argument("--dropout", type=float, default=0.2)
-    parser.add_argument("--separate-heads", action="store_true", help="one head for scenes, one for products")
-    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and mining")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the scene split (as in evaluate)")
-    parser.add_argument("--cache", type=Path, default=None,
-                        help="feature cache directory (default: <data>/.cache/features)")
-    parser.add_argument("--feature-batch-size", type=int, default=64, help="feature extraction batch size")
-    parser.add_argument("--workers", type=int, default=2, help="image decoding workers")
-    parser.add_argument("--force", action="store_true", help="retrain even if OUT/head.pt is up to date")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser
+@dataclass(frozen=True)
+class FitOptions:
+    """The settings that determine the trained weights: a rerun with equal options on the same data is up
+    to date. (Where features are cached, the device, worker count and batch size of extraction are not here.)
+    Invalid values raise DataError naming the `train` flags."""
+
+    backbone: str = "efficientnet_lite0"
+    backbone_weights: Path | None = None
+    context: float = 0.1  # context margin around a scene crop's bbox
+    epochs: int = DEFAULTS.epochs
+    batch_size: int = DEFAULTS.batch_size
+    lr: float = DEFAULTS.lr
+    weight_decay: float = DEFAULTS.weight_decay
+    margin: float = DEFAULTS.margin
+    loss: str = DEFAULTS.loss
+    miner: str = DEFAULTS.miner
+    triplets_per_anchor: int = DEFAULTS.triplets_per_anchor
+    negatives: int = DEFAULTS.negatives
+    hard_pool: int = DEFAULTS.hard_pool
+    categories_per_batch: int = DEFAULTS.categories_per_batch
+    patience: int = DEFAULTS.patience
+    hidden_dim: int = 512
+    dim: int = 128
+    dropout: float = 0.2
+    separate_heads: bool = False
+    seed: int = 0  # of initialisation, sampling and mining
+    split_seed: int = 0  # of the scene split (as in evaluate and index build)
+
+    def __post_init__(self) -> None:
+        problem = self._problem()
+        if problem:
+            raise DataError(problem)
+
+    def _problem(self) -> str | None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "dim": self.dim,
+                    "hidden_dim": self.hidden_dim, "patience": self.patience,
+                    "triplets_per_anchor": self.triplets_per_anchor}
+        bad = [f"--{name.replace('_', '-')} must be >= 1 (got {value})" for name, value in positive.items()
+               if value < 1]
+        if self.batch_size < 2:
+            bad.append("--batch-size must be >= 2 (BatchNorm needs two rows)")
+        if self.lr <= 0 or self.margin <= 0:
+            bad.append("--lr and --margin must be positive")
+        if not 0 <= self.dropout < 1:
+            bad.append("--dropout must lie in [0, 1)")
+        if self.context < 0:
+            bad.append("--context must be >= 0")
+        if self.negatives < 0 or self.hard_pool < 0 or self.categories_per_batch < 0:
+            bad.append("--negatives, --hard-pool and --categories-per-batch must be >= 0")
+        return "; ".join(bad) or None
+
+    def trainer_config(self) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+            margin=self.margin, loss=self.loss, miner=self.miner,  # type: ignore[arg-type]
+            triplets_per_anchor=self.triplets_per_anchor, negatives=self.negatives, hard_pool=self.hard_pool,
+            categories_per_batch=self.categories_per_batch, patience=self.patience, seed=self.seed,
+        )
+
+    def head_config(self, in_dim: int) -> HeadConfig:
+        return HeadConfig(in_dim=in_dim, hidden_dim=self.hidden_dim, out_dim=self.dim, dropout=self.dropout,
+                          separate=self.separate_heads)
+
+    def resolved(self, data: str | Path) -> dict:
+        """config.json and the checkpoint's `args`: the options and the dataset path, sorted, JSON-ready."""
+        values = {field.name: getattr(self, field.name) for field in fields(self)} | {"data": Path(data)}
+        return {key: str(value) if isinstance(value, Path) else value for key, value in sorted(values.items())}
 
 
-def resolved_config(args: argparse.Namespace) -> dict:
-    """The arguments that determine the weights, JSON-ready (paths as strings)."""
-    return {key: str(value) if isinstance(value, Path) else value
-            for key, value in sorted(vars(args).items()) if key not in _NOT_CONFIG}
-
-
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        margin=args.margin, loss=args.loss, miner=args.miner,
-        triplets_per_anchor=args.triplets_per_anchor, negatives=args.negatives, hard_pool=args.hard_pool,
-        categories_per_batch=args.categories_per_batch, patience=args.patience, seed=args.seed,
-    )
-
-
-def _validate(args: argparse.Namespace) -> str | None:
-    positive = {"epochs": args.epochs, "batch_size": args.batch_size, "dim": args.dim, "hidden_dim": args.hidden_dim,
-                "patience": args.patience,
-                "triplets_per_anchor": args.triplets_per_anchor}
-    bad = [f"--{name.replace('_', '-')} must be >= 1 (got {value})" for name, value in positive.items() if value < 1]
-    if args.batch_size < 2:
-        bad.append("--batch-size must be >= 2 (BatchNorm needs two rows)")
-    if args.lr <= 0 or args.margin <= 0:
-        bad.append("--lr and --margin must be positive")
-    if not 0 <= args.dropout < 1:
-        bad.append("--dropout must lie in [0, 1)")
-    if args.context < 0:
-        bad.append("--context must be >= 0")
-    if args.negatives < 0 or args.hard_pool < 0 or args.categories_per_batch < 0:
-        bad.append("--negatives, --hard-pool and --categories-per-batch must be >= 0")
-    return "; ".join(bad) or None
+@dataclass
+class FitResult:
+    checkpoint: Checkpoint  # its sha256 is the file's
+    path: Path  # OUT/head.pt
+    metrics: dict  # best_epoch, epochs_run, timings, and per split part {"hr@K": ..., "n": ...}
+    up_to_date: bool  # an existing checkpoint already matched: nothing was trained or written
 
 
 def _up_to_date(out: Path, config: dict, fingerprint: str) -> Checkpoint | None:
@@ -158,57 +153,54 @@ def build_tables(dataset: STLDataset, features: CachedFeatures, parts: dict[str,
     return FeatureTables(products, product_ids, tables)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    problem = _validate(args)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+def fit_head(
+    data: str | Path,
+    out: str | Path,
+    options: FitOptions = FitOptions(),
+    cache: str | Path | None = None,
+    device: str = "auto",
+    workers: int = 2,
+    feature_batch_size: int = 64,
+    progress: bool = True,
+    force: bool = False,
+) -> FitResult:
+    """Train a head on a dataset directory and write OUT/head.pt, config.json and train_log.json.
+
+    `cache` (default <data>/.cache/features) holds the backbone features. Unless `force`, a complete
+    checkpoint in OUT trained with the same options on the same data is returned as it is.
+    """
+    data, out = Path(data), Path(out)
     try:
-        dataset = STLDataset.open(args.data)
-        fingerprint = dataset_fingerprint(args.data)
-    except (FileNotFoundError, ValueError) as exc:  # STLFormatError is a ValueError
-        print(f"error: cannot open dataset {args.data}: {exc}", file=sys.stderr)
-        return 2
-    config = resolved_config(args)
-    existing = None if args.force else _up_to_date(args.out, config, fingerprint)
+        dataset = STLDataset.open(data)
+        fingerprint = dataset_fingerprint(data)
+    except (FileNotFoundError, DataError) as exc:
+        raise DataError(f"cannot open dataset {data}: {exc}") from exc
+    config = options.resolved(data)
+    existing = None if force else _up_to_date(out, config, fingerprint)
     if existing is not None:
-        print(f"{args.out / HEAD_FILE} is up to date (same config and data); use --force to retrain")
-        _print_metrics(existing.metrics)
-        return 0
+        LOG.info("%s is up to date (same config and data)", out / HEAD_FILE)
+        return FitResult(existing, out / HEAD_FILE, existing.metrics, up_to_date=True)
 
-    split = split_by_scene(dataset.pairs, seed=args.split_seed)
+    split = split_by_scene(dataset.pairs, seed=options.split_seed)
     if len(split.train) < 2 or not split.val:
-        print(f"error: {args.data} has too few pairs to train and validate "
-              f"({len(split.train)} train, {len(split.val)} val)", file=sys.stderr)
-        return 2
-    try:
-        from training.fit.features import cache_features
-        from training.model.backbones import load_backbone
-        from training.model.embedder import Embedder
-
-        backbone = load_backbone(args.backbone, args.backbone_weights)
-        embedder = Embedder(backbone, None, args.context, args.device)
-        started = time.perf_counter()
-        cache_root = args.cache if args.cache is not None else args.data / ".cache" / "features"
-        features = cache_features(dataset, embedder, cache_root, pairs=dataset.pairs, products=dataset.catalogue(),
-                                  batch_size=args.feature_batch_size, workers=args.workers,
-                                  progress=not args.no_progress)
-        tables = build_tables(dataset, features, {"train": split.train, "val": split.val, "test": split.test})
-    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as exc:
-        # BackboneUnavailable is a RuntimeError and device errors are ValueErrors: both carry a full message.
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise DataError(f"{data} has too few pairs to train and validate "
+                        f"({len(split.train)} train, {len(split.val)} val)")
+    backbone = load_backbone(options.backbone, options.backbone_weights)
+    embedder = Embedder(backbone, None, options.context, device)
+    started = time.perf_counter()
+    cache_root = Path(cache) if cache is not None else data / ".cache" / "features"
+    features = cache_features(dataset, embedder, cache_root, pairs=dataset.pairs, products=dataset.catalogue(),
+                              batch_size=feature_batch_size, workers=workers, progress=progress)
+    tables = build_tables(dataset, features, {"train": split.train, "val": split.val, "test": split.test})
     feature_seconds = time.perf_counter() - started
     if len(tables.parts["train"]) < 2:
-        print("error: fewer than 2 training pairs have a product image", file=sys.stderr)
-        return 2
+        raise DataError("fewer than 2 training pairs have a product image")
 
-    head_config = HeadConfig(in_dim=backbone.dim, hidden_dim=args.hidden_dim, out_dim=args.dim,
-                             dropout=args.dropout, separate=args.separate_heads)
+    head_config = options.head_config(backbone.dim)
+    trainer_config = options.trainer_config()
     started = time.perf_counter()
-    result = train_head(tables.parts["train"], tables.products, head_config, train_config(args),
-                        val=tables.parts["val"], device=embedder.device, progress=not args.no_progress)
+    result = train_head(tables.parts["train"], tables.products, head_config, trainer_config,
+                        val=tables.parts["val"], device=embedder.device, progress=progress)
     train_seconds = time.perf_counter() - started
 
     metrics: dict = {"best_epoch": result.best_epoch, "epochs_run": len(result.history),
@@ -223,27 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         backbone_name=backbone.name,
         backbone_weights_sha256=backbone.weights_sha256,
         preprocess=embedder.preprocess,
-        train_config=TrainRecord(split_seed=args.split_seed, args=config, trainer=train_config(args).to_dict()),
+        train_config=TrainRecord(split_seed=options.split_seed, args=config, trainer=trainer_config.to_dict()),
         data_fingerprint=fingerprint,
         metrics=metrics,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     # config.json and the log first, head.pt last: a complete head.pt means the run finished.
-    (args.out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (args.out / LOG_FILE).write_text(json.dumps({"history": result.history, "metrics": metrics}, indent=2) + "\n",
-                                     encoding="utf-8")
-    sha256 = save_checkpoint(args.out / HEAD_FILE, checkpoint)
-    print(f"wrote {args.out / HEAD_FILE} (sha256 {sha256[:12]}), {CONFIG_FILE}, {LOG_FILE}")
-    _print_metrics(metrics)
-    return 0
-
-
-def _print_metrics(metrics: dict) -> None:
-    for part in ("val", "test"):
-        if part in metrics:
-            rates = ", ".join(f"{key.upper()}={value:.3f}" for key, value in metrics[part].items() if key != "n")
-            print(f"{part} ({metrics[part]['n']} pairs): {rates}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    write_json_atomic(out / CONFIG_FILE, config)
+    write_json_atomic(out / LOG_FILE, {"history": result.history, "metrics": metrics})
+    checkpoint.sha256 = save_checkpoint(out / HEAD_FILE, checkpoint)
+    LOG.info("wrote %s (sha256 %s)", out / HEAD_FILE, checkpoint.sha256[:12])
+    return FitResult(checkpoint, out / HEAD_FILE, metrics, up_to_date=False)

@@ -4,7 +4,8 @@ Scene crops are anchors, their paired products positives; negatives are products
 category: every other positive of that category in the batch plus `negatives` sampled per pair (by
 the sampler strategy). A miner picks the triplets; the loss is torch's TripletMarginWithDistanceLoss.
 Early stopping keeps the epoch with the best validation HR@K, where a validation scene ranks every
-product of its category (the evaluation protocol, computed here directly on the arrays).
+product of its category: scores come from the arrays, the ranks from `training.eval.metrics`, so the
+number early stopping maximises is the one `evaluate` reports.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from training.errors import DataError
+from training.eval import metrics
 from training.fit.mining import HardPoolSampler, NegativeSampler, RandomCategorySampler, TripletMiner, candidate_mask
 from training.model.head import CompatibilityHead, HeadConfig, Kind
 
@@ -29,6 +32,7 @@ LOG = logging.getLogger(__name__)
 
 LossName = Literal["l2", "cosine"]
 LOSSES: tuple[str, ...] = ("l2", "cosine")
+RANK_CHUNK = 1024  # validation queries scored at once: bounds the [queries, candidates] score matrix
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,10 @@ class TrainConfig:
 
 @dataclass
 class Products:
-    """The product table: backbone features and category id (0..C-1) of every catalogue product."""
+    """The product table: backbone features and category id (0..C-1) of every catalogue product.
+
+    Rows are in product-id order (as `dataset.catalogue()`): ranking ties are broken by row.
+    """
 
     features: np.ndarray  # [m, d] float32
     category: np.ndarray  # [m] int64
@@ -103,7 +110,7 @@ def make_loss(name: str, margin: float) -> nn.TripletMarginWithDistanceLoss:
     Note that squared L2 = 2 x cosine distance on unit vectors: `l2` with margin 2m equals `cosine` with m.
     """
     if name not in _DISTANCES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {list(LOSSES)}")
+        raise DataError(f"unknown loss {name!r}; choose one of {list(LOSSES)}")
     return nn.TripletMarginWithDistanceLoss(distance_function=_DISTANCES[name], margin=margin)
 
 
@@ -121,30 +128,40 @@ def embed(head: CompatibilityHead, features: np.ndarray | torch.Tensor, kind: Ki
 
 @torch.no_grad()
 def positive_ranks(scene_embeddings: torch.Tensor, product_embeddings: torch.Tensor, positives: np.ndarray,
-                   product_category: np.ndarray) -> np.ndarray:
-    """0-based rank of each pair's positive among all products of its category (ties count against it)."""
+                   product_category: np.ndarray, chunk: int = RANK_CHUNK) -> np.ndarray:
+    """0-based rank of each pair's positive among all products of its category, by inner product.
+
+    Scores are computed on the embeddings' device; the rank rule is `evaluate`'s own
+    (`training.eval.metrics.positive_ranks`, ties broken by product id = the row order of `Products`), so
+    early stopping optimises the HR@K that `evaluate` reports.
+    """
+    positives = np.asarray(positives, dtype=np.int64)
+    product_category = np.asarray(product_category)
+    ranks = np.zeros(len(positives), dtype=np.int64)
+    pair_category = product_category[positives]
     device = scene_embeddings.device
-    category = torch.as_tensor(product_category, device=device)
-    positive_rows = torch.as_tensor(positives, device=device)
-    ranks = []
-    for start in range(0, len(positives), 4096):
-        rows = positive_rows[start : start + 4096]
-        scores = scene_embeddings[start : start + 4096] @ product_embeddings.T
-        positive_score = scores.gather(1, rows[:, None])
-        other = category[None, :] != category[rows][:, None]
-        beats = (scores >= positive_score) & ~other
-        ranks.append((beats.sum(dim=1) - 1).cpu())  # the positive ties with itself
-    return torch.cat(ranks).numpy() if ranks else np.zeros(0, dtype=np.int64)
+    for category in np.unique(pair_category):
+        members = np.flatnonzero(product_category == category)  # ascending rows, i.e. product-id order
+        queries = np.flatnonzero(pair_category == category)
+        columns = np.searchsorted(members, positives[queries])
+        candidates = product_embeddings[torch.as_tensor(members, device=device)]
+        for start in range(0, len(queries), chunk):
+            rows = queries[start : start + chunk]
+            scores = scene_embeddings[torch.as_tensor(rows, device=device)] @ candidates.T
+            ranks[rows] = metrics.positive_ranks(scores.cpu().numpy(), columns[start : start + chunk])
+    return ranks
 
 
 def hit_rates(head: CompatibilityHead, pairs: PairFeatures, products: Products, ks: Sequence[int] = (10,),
               device: torch.device | str = "cpu") -> dict[int, float]:
-    """HR@K of the head on `pairs`: the fraction whose positive is in the top K of its category."""
+    """HR@K of the head on `pairs`: the fraction whose positive is in the top K of its category (0 for no pairs)."""
     device = torch.device(device)
     head = head.to(device)
     ranks = positive_ranks(embed(head, pairs.scene_features, "scene", device),
                            embed(head, products.features, "product", device), pairs.positives, products.category)
-    return {k: float((ranks < k).mean()) if len(ranks) else 0.0 for k in ks}
+    if not len(ranks):
+        return {k: 0.0 for k in ks}
+    return metrics.hit_rate_at_k(ranks, ks)
 
 
 def _batches(pairs: PairFeatures, product_category: np.ndarray, batch_size: int, categories_per_batch: int,
@@ -201,9 +218,9 @@ def train_head(
 ) -> TrainResult:
     """Train a fresh head (seeded by config.seed) and return the best epoch's weights by validation HR@K."""
     if len(train) < 2:
-        raise ValueError(f"need at least 2 training pairs, got {len(train)}")
+        raise DataError(f"need at least 2 training pairs, got {len(train)}")
     if train.scene_features.shape[1] != head_config.in_dim or products.features.shape[1] != head_config.in_dim:
-        raise ValueError(
+        raise DataError(
             f"features are {train.scene_features.shape[1]}-d (scenes) / {products.features.shape[1]}-d (products) "
             f"but the head expects {head_config.in_dim}-d"
         )

@@ -12,6 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from tests.training.data.fetch_server import ImageServer, make_jpeg
+from training.cli.fetch_stl import main
 from training.data.fetch import (
     FAILURES_FILE,
     FetchSettings,
@@ -19,7 +20,6 @@ from training.data.fetch import (
     fetch_images,
     get_settings,
     image_url,
-    main,
     plan_jobs,
 )
 from training.data.stl import Pair, STLDataset, product_path, scene_path, write_pairs

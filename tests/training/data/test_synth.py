@@ -13,7 +13,7 @@ from PIL import Image
 
 from training.data.split import split_by_scene
 from training.data.stl import Pair, STLDataset, short_name
-from training.data.synth import plan as synth
+from training.data.synth import plan as synth_plan
 from training.data.synth.draw import BOTTOMS, SHAPE_OF_CATEGORY, render_scene, sample_look
 from training.data.synth.plan import FALLBACK_CATEGORIES, SynthConfig, generate, load_category_counts, plan
 
@@ -96,7 +96,7 @@ def test_category_source_file_and_fallback(tmp_path: Path, monkeypatch: pytest.M
     source.write_text(json.dumps({f"{i:032x}": prefix + ("Shoes" if i < 3 else "Jewelry|Earrings") for i in range(4)}))
     assert load_category_counts(source) == ((prefix + "Shoes", 3), (prefix + "Jewelry|Earrings", 1))
     assert load_category_counts(None) == FALLBACK_CATEGORIES  # ../shared's file or the built-in copy: same counts
-    monkeypatch.setattr(synth, "DEFAULT_CATEGORIES_SOURCE", tmp_path / "no-shared" / "fashion-cat.json")
+    monkeypatch.setattr(synth_plan, "DEFAULT_CATEGORIES_SOURCE", tmp_path / "no-shared" / "fashion-cat.json")
     assert load_category_counts(None) == FALLBACK_CATEGORIES
     with pytest.raises(ValueError, match="does not exist"):
         load_category_counts(tmp_path / "absent.json")
@@ -170,35 +170,3 @@ def test_render_scene_refuses_two_items_of_one_shape() -> None:
     looks = [sample_look(rng, "shoes", 0, 0), sample_look(rng, "shoes", 1, 1)]
     with pytest.raises(ValueError, match="distinct"):
         render_scene(looks, rng, 128, 160)
-
-
-SMALL = ["--scenes", "2", "--products", "10", "--no-progress", "--workers", "1"]
-
-
-def test_cli_writes_reuses_and_protects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "data"
-    assert synth.main(["--out", str(out), *SMALL]) == 0
-    assert "10 products, 2 scenes" in capsys.readouterr().out
-    stamp = (out / "pairs.jsonl").stat().st_mtime_ns
-    for again in ([], ["--force"]):  # same config: kept as is, the bytes would be the same
-        assert synth.main(["--out", str(out), *SMALL, *again]) == 0
-        assert "already up to date" in capsys.readouterr().out
-        assert (out / "pairs.jsonl").stat().st_mtime_ns == stamp
-
-    assert synth.main(["--out", str(out), *SMALL, "--seed", "5"]) == 2  # another config needs --force
-    assert "--force" in capsys.readouterr().err
-    assert synth.main(["--out", str(out), *SMALL, "--seed", "5", "--force"]) == 0
-    assert json.loads((out / "synth.json").read_text())["config"]["seed"] == 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no staging or retired directories left
-
-
-def test_cli_never_touches_other_data_and_rejects_bad_sizes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    precious = tmp_path / "precious"
-    precious.mkdir()
-    (precious / "notes.txt").write_text("keep me")
-    assert synth.main(["--out", str(precious), *SMALL, "--force"]) == 2
-    assert "not a synth dataset" in capsys.readouterr().err
-    assert (precious / "notes.txt").read_text() == "keep me"
-    assert synth.main(["--out", str(tmp_path / "x"), "--products", "3", "--no-progress"]) == 2
-    assert "--products must be at least" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()

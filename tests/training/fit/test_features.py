@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from training.data.stl import Pair, STLDataset, product_path, scene_path, write_pairs
+from tests.fixtures import FEATURE_PRODUCTS as PRODUCTS
+from tests.fixtures import write_feature_dataset as make_dataset
+from training.data.stl import Pair, STLDataset
 from training.fit import features as features_module
 from training.fit.features import (
     CachedFeatures,
@@ -18,38 +18,11 @@ from training.fit.features import (
     MissingFeatures,
     cache_dir,
     cache_features,
-    main,
     scene_key,
 )
 from training.model.backbones import load_backbone
 from training.model.embedder import Embedder
 from training.model.preprocess import load_image
-
-SCENES = {"s1": (96, 128), "s2": (120, 80), "s3": (64, 64)}
-PRODUCTS = {"p1": "Clothing|Tops", "p2": "Clothing|Tops", "p3": "Shoes|Boots", "p4": "Bags|Totes"}
-PAIRS = [
-    Pair("s1", "p1", (0.1, 0.1, 0.5, 0.6)),
-    Pair("s1", "p3", (0.5, 0.55, 0.9, 0.95)),
-    Pair("s2", "p2", (0.2, 0.2, 0.8, 0.8)),
-    Pair("s2", "p4", (0.2, 0.2, 0.8, 0.8)),  # same crop as the line above: extracted once
-    Pair("s3", "p3", (0.0, 0.0, 1.0, 1.0)),
-]
-
-
-def _jpeg(path: Path, size: tuple[int, int], seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=90)
-
-
-def make_dataset(root: Path) -> STLDataset:
-    for seed, (scene_id, size) in enumerate(SCENES.items()):
-        _jpeg(scene_path(root, scene_id), size, seed)
-    for seed, product_id in enumerate(PRODUCTS, start=10):
-        _jpeg(product_path(root, product_id), (48, 64), seed)
-    (root / "categories.json").write_text(json.dumps(PRODUCTS))
-    write_pairs(root / "pairs.jsonl", PAIRS)
-    return STLDataset.open(root)
 
 
 @pytest.fixture()
@@ -189,15 +162,3 @@ def test_unreadable_image_is_recorded_and_not_retried(dataset, embedder, tmp_pat
     with pytest.raises(MissingFeatures, match="p2.*extraction failed"):
         cached.product_features(["p1", "p2"])
     assert cache_features(dataset, embedder, tmp_path / "cache", workers=0, progress=False).computed == 0
-
-
-def test_cli_extracts_and_reports(dataset, tmp_path, capsys):
-    argv = ["--data", str(dataset.root), "--cache", str(tmp_path / "cache"), "--backbone", "tiny",
-            "--batch-size", "4", "--workers", "0", "--device", "cpu", "--no-progress"]
-    assert main(argv) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["computed"] == 8 and report["scene_crops"] == 4 and report["products"] == 4
-    assert main(argv) == 0
-    assert json.loads(capsys.readouterr().out)["computed"] == 0
-    assert main(["--data", str(tmp_path / "nowhere"), "--cache", str(tmp_path / "c"), "--backbone", "tiny"]) == 2
-    assert "error:" in capsys.readouterr().out

@@ -2,11 +2,13 @@ import numpy as np
 import pytest
 import torch
 
+from training.eval import metrics
 from training.fit.mining import HardPoolSampler, RandomCategorySampler, TripletMiner, candidate_mask
 from training.fit.trainer import (
     PairFeatures,
     Products,
     TrainConfig,
+    embed,
     hit_rates,
     make_loss,
     positive_ranks,
@@ -195,8 +197,52 @@ def test_losses_are_torch_triplet_losses_on_squared_l2_and_cosine() -> None:
         make_loss("hinge", 0.3)
 
 
-def test_positive_ranks_count_ties_against_the_positive_and_ignore_other_categories() -> None:
-    scenes = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+def test_positive_ranks_break_ties_by_product_id_and_ignore_other_categories() -> None:
+    scenes = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     products = torch.tensor([[0.9, 0, 0], [1.0, 0, 0], [0.9, 0, 0], [5.0, 0, 0], [0, 1.0, 0]])
-    ranks = positive_ranks(scenes, products, np.array([0, 4]), np.array([0, 0, 0, 1, 0]))
-    assert ranks.tolist() == [2, 0]  # product 1 beats it, product 2 ties; product 3 is another category
+    ranks = positive_ranks(scenes, products, np.array([0, 4, 2]), np.array([0, 0, 0, 1, 0]))
+    # Positive 0: product 1 beats it, product 2 ties but comes later; product 3 is another category.
+    # Positive 2: product 1 beats it and product 0 ties and comes first (evaluate's rule).
+    assert ranks.tolist() == [1, 0, 2]
+
+
+def _evaluate_ranks(scenes: np.ndarray, products: np.ndarray, positives: np.ndarray,
+                    category: np.ndarray) -> np.ndarray:
+    """Ranks the way `evaluate` gets them: per query, the scores of its category's products (id order)."""
+    ranks = []
+    for scene, positive in zip(scenes, positives, strict=True):
+        members = np.flatnonzero(category == category[positive])
+        scores = (products[members] @ scene)[None, :]
+        ranks.append(int(metrics.positive_ranks(scores, np.array([np.searchsorted(members, positive)]))[0]))
+    return np.array(ranks)
+
+
+def test_trainer_ranks_are_evaluates_ranks_ties_included() -> None:
+    rng = np.random.default_rng(0)
+    # Halves and small integers: every dot product is exact in float32, so ties are real ties.
+    scenes = rng.integers(0, 3, size=(200, 4)).astype(np.float32) / 2
+    products = rng.integers(0, 3, size=(30, 4)).astype(np.float32) / 2
+    category = np.arange(30) % 3
+    positives = rng.integers(0, 30, size=200)
+    trained = positive_ranks(torch.as_tensor(scenes), torch.as_tensor(products), positives, category, chunk=7)
+    expected = _evaluate_ranks(scenes, products, positives, category)
+    np.testing.assert_array_equal(trained, expected)
+    ties_against = np.array([int(((products[category == category[p]] @ s) >= products[p] @ s).sum()) - 1
+                             for s, p in zip(scenes, positives, strict=True)])
+    assert (ties_against > expected).any()  # the data has ties, so the old rule would have differed
+
+
+def test_validation_hr_is_the_hr_evaluate_reports(data) -> None:
+    train, val, products = data
+    # Twin products (same features, same category): every scene ties them, so the tie rule matters.
+    twins = products.features.copy()
+    twins[60:] = twins[:60]  # rows j and j + 60 share a category (j % 4)
+    products = Products(twins, products.category)
+    config = TrainConfig(epochs=2, batch_size=128)
+    result = train_head(train, products, HEAD, config, val=val, progress=False)
+    ks = (1, 5, 10)
+    scenes = embed(result.head, val.scene_features, "scene", torch.device("cpu")).numpy()
+    vectors = embed(result.head, products.features, "product", torch.device("cpu")).numpy()
+    expected = metrics.hit_rate_at_k(_evaluate_ranks(scenes, vectors, val.positives, products.category), ks)
+    assert hit_rates(result.head, val, products, ks) == pytest.approx(expected, abs=1e-12)
+    assert result.best_val == pytest.approx(expected[config.eval_k], abs=1e-12)

@@ -4,8 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.data.synth import plan as synth
-from training.fit import run as train
+from training.cli import synth, train
 from training.model.checkpoint import load_checkpoint, load_embedder
 
 

@@ -1,3 +1,5 @@
+"""`python -m training evaluate`: metrics.json and the plot, shared feature extraction, clear errors."""
+
 import json
 
 import numpy as np
@@ -5,50 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.fixtures import write_ranking_dataset as make_dataset
+from training.cli.evaluate import main
 from training.data.popularity import Popularity
 from training.data.split import split_by_scene
-from training.data.stl import Pair, STLDataset, write_pairs
-from training.eval.rankers import EmbeddingRanker, PopularityRanker, candidates_by_category, evaluate_models, main
+from training.data.stl import STLDataset
 from training.model.backbones import load_backbone
 from training.model.checkpoint import Checkpoint, save_checkpoint
 from training.model.embedder import Embedder
 from training.model.head import CompatibilityHead, HeadConfig
 from training.model.preprocess import load_image
-
-CATEGORIES = {
-    **{f"shoe{i}": "Apparel|Shoes" for i in range(7)},
-    **{f"pant{i}": "Apparel|Clothing|Pants" for i in range(4)},
-    "ring0": "Apparel|Jewelry|Rings",  # a one-product category: HR is 1, no negative exists
-}
-PRODUCTS = sorted(CATEGORIES)
-COLD_PRODUCT = "shoe6"  # paired with test scenes only: a cold-start product
-N_SCENES = 80
-
-
-def _jpeg(path, colour, size=(24, 24)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, colour).save(path, quality=90)
-
-
-def make_dataset(root):
-    """A tiny STL-format dataset: solid-colour images, a skewed pair distribution over products."""
-    rng = np.random.default_rng(0)
-    for index, product in enumerate(PRODUCTS):
-        _jpeg(root / "images" / "products" / f"{product}.jpg", (20 * index, 255 - 20 * index, 90))
-    warm = [p for p in PRODUCTS if p != COLD_PRODUCT]
-    weights = 1.0 / np.array([1 + int(p[-1]) for p in warm]) ** 2  # product 0 of each category most popular
-    weights /= weights.sum()
-    pairs = []
-    for scene in range(N_SCENES):
-        scene_id = f"scene{scene:03d}"
-        _jpeg(root / "images" / "scenes" / f"{scene_id}.jpg", (scene * 3, 128, 255 - scene * 3), (32, 32))
-        for product in rng.choice(warm, size=int(rng.integers(1, 3)), replace=False, p=weights):
-            pairs.append(Pair(scene_id, str(product), (0.1, 0.2, 0.6, 0.9)))
-    test_scenes = sorted({p.scene_id for p in split_by_scene(pairs, seed=0).test})
-    pairs += [Pair(scene_id, COLD_PRODUCT, (0.2, 0.1, 0.8, 0.7)) for scene_id in test_scenes[:2]]
-    write_pairs(root / "pairs.jsonl", pairs)
-    (root / "categories.json").write_text(json.dumps(CATEGORIES))
-    return root
 
 
 @pytest.fixture
@@ -98,60 +66,6 @@ def test_cli_popularity_end_to_end(dataset_dir, tmp_path, capsys):
 
     with Image.open(out / "hr_at_k.png") as image:
         assert image.format == "PNG" and image.width > 100 and image.height > 100
-
-
-def test_evaluate_models_with_embedding_ranker(dataset_dir):
-    """A fake feature cache whose scene features point at the true product: a perfect model."""
-    dataset = STLDataset.open(dataset_dir)
-    split = split_by_scene(dataset.pairs, seed=0)
-    one_hot = {pid: np.eye(len(PRODUCTS), dtype=np.float32)[i] for i, pid in enumerate(PRODUCTS)}
-
-    class FakeFeatures:
-        def scene_features(self, pairs):
-            return np.stack([one_hot[p.product_id] * 3.0 for p in pairs])
-
-        def product_features(self, product_ids):
-            return np.stack([one_hot[pid] for pid in product_ids])
-
-    class NormaliseOnly:  # Embedder(backbone, head=None).project: L2 normalisation
-        def project(self, features, kind):
-            features = np.asarray(features, dtype=np.float32)
-            return features / np.linalg.norm(features, axis=1, keepdims=True)
-
-    perfect = EmbeddingRanker("perfect", NormaliseOnly(), FakeFeatures())
-    results = evaluate_models(dataset, split, [perfect, PopularityRanker(Popularity.from_pairs(
-        split.train, dataset.categories))], ks=(1, 3), seed=0, part="test")
-    metrics = results["models"]["perfect"]
-    assert metrics["hr"] == {1: 1.0, 3: 1.0}
-    assert metrics["auc"] == 1.0 and metrics["binary_accuracy"] == 1.0
-    assert results["models"]["popularity"]["hr"][1] < 1.0  # the baseline is not perfect on this data
-    assert results["n_queries"] == len(split.test)
-    # The validation part is evaluated on its own pairs (what the trainer's early stopping uses).
-    val = evaluate_models(dataset, split, [perfect], ks=(10,), part="val")
-    assert val["models"]["perfect"]["n_test"] == len(split.val) and val["models"]["perfect"]["hr"][10] == 1.0
-
-
-def test_models_share_the_same_negatives(dataset_dir):
-    dataset = STLDataset.open(dataset_dir)
-    split = split_by_scene(dataset.pairs, seed=0)
-    popularity = Popularity.from_pairs(split.train, dataset.categories)
-
-    class Reversed:  # popularity upside down: every comparison flips, except ties
-        name = "reversed"
-
-        def score(self, queries, candidates):
-            return np.tile(-popularity.scores(candidates), (len(queries), 1))
-
-    results = evaluate_models(dataset, split, [PopularityRanker(popularity), PopularityRanker(popularity, "again"),
-                                               Reversed()], seed=3)
-    first, again, flipped = (results["models"][name] for name in ("popularity", "again", "reversed"))
-    assert first == again  # same negatives for every model, not a fresh draw per model
-    # On the same triplets a strict win becomes a loss and a tie stays a tie: the two accuracies sum to 1.
-    assert first["binary_accuracy"] + flipped["binary_accuracy"] == pytest.approx(1.0)
-    assert first["auc"] + flipped["auc"] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="names must be unique"):
-        evaluate_models(dataset, split, [PopularityRanker(popularity), PopularityRanker(popularity)])
-    assert candidates_by_category(dataset)["Apparel|Shoes"] == [f"shoe{i}" for i in range(7)]
 
 
 def test_cli_knn_and_checkpoint_share_one_feature_extraction(dataset_dir, tmp_path):

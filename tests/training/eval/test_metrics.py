@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-from PIL import Image
 
 from training.eval.metrics import (
     auc,
@@ -9,7 +8,6 @@ from training.eval.metrics import (
     binary_outcomes,
     hit_rate_at_k,
     mean_reciprocal_rank,
-    plot_hr_curves,
     positive_ranks,
     random_hit_rate,
     sample_negatives,
@@ -77,16 +75,3 @@ def test_bad_shapes_are_clear_errors():
         positive_ranks(SCORES, np.array([0, 1]))
     with pytest.raises(ValueError, match="must lie in"):
         positive_ranks(SCORES, np.array([0, 1, 5]))
-
-
-def test_plot_writes_a_png(tmp_path):
-    path = plot_hr_curves(
-        {"popularity": {1: 0.1, 10: 0.4, 100: 0.9}, "trained": {1: 0.2, 10: 0.6, 100: 0.95}},
-        {1: 0.01, 10: 0.1, 100: 0.8},
-        tmp_path / "plots" / "hr.png",
-    )
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        assert image.size == (600, 450)
-        pixels = np.asarray(image.convert("RGB"))
-    assert pixels.std() > 0  # something was drawn

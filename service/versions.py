@@ -1,0 +1,261 @@
+"""Index versions: one loaded version (embedder + per-category indexes + popularity), and the holder that
+serves one and swaps it on a reload.
+
+A `LoadedVersion` is built completely off to the side and never mutated afterwards; a hot reload
+replaces the holder's single reference. A request reads that reference once and uses the same version
+until it answers, so it can never see half of one version and half of another.
+
+A loaded version is also the model the batcher drives (service/batching.py): `encode_pre` decodes and
+crops one scene, `encode_core` embeds a stack of crops, `encode_post` searches one category's index.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from index.artifact import ArtifactError, CategoryIndex, current_version, open_artifact
+from service.images import BadInput, decode_image
+from service.metrics import Metrics
+from service.process import FaissThreads
+from service.settings import Settings
+from training.data.stl import BBox, CategoryResolver
+from training.model.checkpoint import load_embedder
+from training.model.embedder import Embedder
+from training.model.preprocess import CropTooSmall, bbox_to_pixels
+
+LOG = logging.getLogger(__name__)
+
+Status = Literal["ready", "degraded"]
+
+
+class PopularityTable(Protocol):
+    def top(self, category: str, k: int) -> list[tuple[str, float]]: ...
+
+    def categories(self) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One request's input to the stages: the upload, the item's box and where to search."""
+
+    image: bytes
+    bbox: BBox | None
+    category: str  # full path, resolved
+    k: int
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    version: str | None
+    product_counts: Mapping[str, int]  # full path -> products in the catalogue
+    resolver: CategoryResolver
+    popularity: PopularityTable | None
+    embedder: Embedder | None
+    indexes: Mapping[str, CategoryIndex] = field(default_factory=dict)
+    problem: str | None = None  # why embeddings cannot be served (the service is then degraded)
+    max_image_pixels: int = Settings.model_fields["max_image_pixels"].default
+    search_threads: FaissThreads = field(
+        default_factory=lambda: FaissThreads(Settings.model_fields["faiss_threads"].default))
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def model_loaded(self) -> bool:
+        return self.embedder is not None and bool(self.indexes)
+
+    @property
+    def status(self) -> Status:
+        return "ready" if self.model_loaded and self.problem is None else "degraded"
+
+    def fallback(self, category: str, strategy: str) -> tuple[str, str] | None:
+        """(metric reason, text for the client) when popularity must answer, else None."""
+        if strategy == "popularity":
+            return "strategy", "popularity strategy requested"
+        if not self.model_loaded:
+            return "model_unavailable", f"no valid model/index is loaded: {self.problem}"
+        if category not in self.indexes:
+            return "no_index", f"category {category!r} has no embedding index"
+        return None
+
+    def popular(self, category: str, k: int) -> list[tuple[str, float]]:
+        if self.popularity is None:
+            return []
+        try:
+            return self.popularity.top(category, k)
+        except KeyError:  # a category the table does not know has no popular products to offer
+            return []
+
+    def check_scene(self, scene: Scene) -> None:
+        """Refuse a bad image or crop (BadInput) without embedding it: popularity answers need valid input too."""
+        try:
+            picture = decode_image(scene.image, self.max_image_pixels)
+            bbox_to_pixels(picture.width, picture.height, scene.bbox)  # the same crop-size rule, no tensor needed
+        except CropTooSmall as exc:
+            raise BadInput(400, f"the bbox crop is too small to embed: {exc}") from exc
+
+    def encode_pre(self, scene: Scene) -> torch.Tensor:
+        """Decode and crop: the [3, S, S] tensor of the scene's item (BadInput for the client's mistakes)."""
+        embedder = self.embedder
+        assert embedder is not None
+        try:
+            # The embedder's own decoder and transform: exactly the pixels the index build saw.
+            picture = decode_image(scene.image, self.max_image_pixels, lambda raw: embedder.load_image(raw, scene.bbox))
+            return embedder.transform(picture, scene.bbox)
+        except CropTooSmall as exc:
+            raise BadInput(400, f"the bbox crop is too small to embed: {exc}") from exc
+
+    def encode_core(self, batch: torch.Tensor) -> np.ndarray:
+        assert self.embedder is not None
+        return self.embedder.embed_batch(batch, "scene")
+
+    def encode_post(self, scene: Scene, vector: np.ndarray) -> list[tuple[str, float]]:
+        """The scene's top-k (product id, score) in its category, faiss held to its thread limit."""
+        return self.search_threads.call(self.indexes[scene.category].search, np.asarray(vector)[None, :], scene.k)[0]
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def load_version(settings: Settings, version: str | None = None) -> LoadedVersion:
+    """Load a version (None: the pinned one, else `current`) fully before anyone can see it.
+
+    Raises ArtifactError only when no artifact can be opened at all. A model or index that is
+    missing, corrupt or mismatched yields a degraded version that still serves popularity.
+    """
+    started = time.perf_counter()
+    artifact = open_artifact(settings.artifacts, version or settings.index_version)
+    problems: list[str] = []
+    popularity: PopularityTable | None = None
+    try:
+        popularity = artifact.popularity
+    except Exception as exc:  # a broken table costs the fallback, not the service
+        LOG.exception("popularity table of version %s is unusable", artifact.version)
+        problems.append(f"popularity unavailable ({_describe(exc)})")
+    embedder: Embedder | None = None
+    indexes: dict[str, CategoryIndex] = {}
+    try:
+        checkpoint = settings.checkpoint or artifact.checkpoint_path
+        embedder = load_embedder(checkpoint, settings.device, settings.backbone_weights)
+        artifact.check_embedder(embedder.fingerprint())
+        indexes = artifact.load_indexes()
+        # One forward pass now: a broken model fails here, at load time, not on the first user.
+        size = embedder.preprocess.image_size
+        embedder.embed_batch(torch.zeros(1, 3, size, size), "scene")
+    except Exception as exc:  # missing, corrupt or mismatched: degrade to popularity, keep serving
+        LOG.error("version %s cannot serve embeddings, falling back to popularity: %s", artifact.version,
+                  _describe(exc))
+        problems.insert(0, f"embeddings unavailable ({_describe(exc)})")
+        embedder, indexes = None, {}
+    paths = set(artifact.categories) | set(indexes)
+    if popularity is not None:
+        paths |= set(popularity.categories())
+    loaded = LoadedVersion(
+        version=artifact.version,
+        product_counts=dict(artifact.categories),
+        resolver=CategoryResolver(paths),
+        popularity=popularity,
+        embedder=embedder,
+        indexes=indexes,
+        problem="; ".join(problems) or None,
+        max_image_pixels=settings.max_image_pixels,
+        search_threads=FaissThreads(settings.faiss_threads),
+    )
+    LOG.info("loaded index version %s (%s, %d categories, %d indexed) in %.2fs", loaded.version, loaded.status,
+             len(paths), len(indexes), time.perf_counter() - started)
+    return loaded
+
+
+class ReloadRefused(RuntimeError):
+    """A reload that did not happen (nothing published, unreadable, or worse than what is served)."""
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    status: Literal["reloaded", "unchanged"]
+    previous_version: str | None
+    index_version: str | None
+    ready: Status
+    took_ms: float
+
+
+class VersionHolder:
+    """The version being served; `current` is read once per request, `swap` replaces it in one assignment."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.artifacts = settings.artifacts
+        self._current: LoadedVersion | None = None
+        self.loading = True
+        self.load_error: str | None = None
+        # One reload at a time: two concurrent ones would load the same version twice for nothing.
+        self.reload_lock = threading.Lock()
+
+    @property
+    def current(self) -> LoadedVersion | None:
+        return self._current
+
+    def swap(self, loaded: LoadedVersion) -> LoadedVersion | None:
+        previous, self._current = self._current, loaded
+        self.load_error = None
+        return previous
+
+    def published_version(self) -> str | None:
+        return current_version(self.artifacts)
+
+    def initial_load(self) -> None:
+        """Start-up load; with no artifact at all the service still starts and says why it is unavailable."""
+        try:
+            self.swap(load_version(self.settings))
+        except ArtifactError as exc:
+            self.load_error = str(exc)
+            LOG.error("no index artifact can be served: %s", exc)
+        finally:
+            self.loading = False
+        loaded = self._current
+        self.metrics.set_index(loaded.version if loaded else None, loaded.status if loaded else "unavailable")
+
+    def reload(self, version: str | None = None, force: bool = False) -> Reloaded:
+        """Switch to `version` (default: the published one); ReloadRefused keeps the served one."""
+        started = time.perf_counter()
+        metrics = self.metrics
+        with self.reload_lock:
+            previous = self._current
+            target = version or self.published_version()
+            if target is None:
+                metrics.reloads.labels(outcome="failed").inc()
+                raise ReloadRefused(f"no index version is published under {self.artifacts}")
+            if not force and previous is not None and previous.version == target and previous.status == "ready":
+                metrics.reloads.labels(outcome="unchanged").inc()
+                return Reloaded("unchanged", target, target, previous.status, _ms(started))
+            try:
+                loaded = load_version(self.settings, target)
+            except ArtifactError as exc:
+                metrics.reloads.labels(outcome="failed").inc()
+                raise ReloadRefused(f"reload failed, still serving {_name(previous)}: {exc}") from None
+            if loaded.status != "ready" and previous is not None and previous.status == "ready":
+                metrics.reloads.labels(outcome="refused").inc()
+                raise ReloadRefused(f"version {target} cannot serve embeddings ({loaded.problem}); "
+                                    f"still serving {_name(previous)}")
+            self.swap(loaded)
+            metrics.set_index(loaded.version, loaded.status)
+            metrics.reloads.labels(outcome="reloaded").inc()
+        LOG.info("reloaded: %s -> %s (%s)", _name(previous), loaded.version, loaded.status)
+        return Reloaded("reloaded", previous.version if previous else None, loaded.version, loaded.status,
+                        _ms(started))
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 3)
+
+
+def _name(loaded: LoadedVersion | None) -> str:
+    return loaded.version or "none" if loaded is not None else "nothing"
