@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 
 from index.ann import apply_search_params
+from index.catalogue import CATALOGUE_FILE
 from index.errors import ArtifactError, ArtifactMissing, CorruptArtifact, IndexMismatch
 from index.manifest import MANIFEST_FILE, CategoryEntry, Manifest, read_manifest
 from training.data.popularity import Popularity
@@ -112,6 +113,12 @@ class Artifact:
     @property
     def checkpoint_path(self) -> Path:
         return self.path / CHECKPOINT_FILE
+
+    @property
+    def catalogue_path(self) -> Path | None:
+        """The product catalogue (SQLite), or None for versions built before it existed."""
+        path = self.path / CATALOGUE_FILE
+        return path if path.is_file() else None
 
     @property
     def popularity(self) -> Popularity:

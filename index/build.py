@@ -8,12 +8,15 @@ import logging
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from index.ann import DEFAULT_APPROXIMATE, DEFAULT_EXACT_THRESHOLD, Approximate
+from index.catalogue import CatalogueRow, make_thumbnail
 from index.embed import embed_product_files
 from index.errors import ArtifactError, Refused
 from index.manifest import Provenance, SplitRecord
@@ -22,6 +25,7 @@ from index.writer import CategoryData, new_version, write_version
 from training.cli import report
 from training.cli.args import add_cache_arg, add_data_arg, add_device_arg, add_progress_arg, add_workers_arg
 from training.data.popularity import Popularity
+from training.data.products import Product, read_dataset_products, read_products
 from training.data.split import SPLIT_FRACTIONS, split_by_scene
 from training.data.stl import CategoryMap, STLDataset
 from training.errors import TrainingError
@@ -83,8 +87,13 @@ def build(
     split_seed: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    products_file: Path | None = None,
 ) -> str:
-    """Build and publish a new version from a dataset directory and a head checkpoint; returns the version."""
+    """Build and publish a new version from a dataset directory and a head checkpoint; returns the version.
+
+    Product data comes from `products_file` (JSONL or CSV) when given, else from the dataset's optional
+    products.jsonl; products without a row still get a catalogue entry (id, category, thumbnail).
+    """
     started = time.perf_counter()
     out = Path(out)
     with build_lock(out):
@@ -93,6 +102,10 @@ def build(
             dataset = STLDataset.open(data, on_error="skip")
         except FileNotFoundError as exc:  # not a dataset directory: there is nothing to index
             raise Refused(f"nothing to index: {exc}") from exc
+        product_data = (
+            {product.id: product for product in read_products(products_file)} if products_file is not None
+            else read_dataset_products(data)
+        )
         catalogue = dataset.catalogue()
         if not catalogue:
             raise Refused(f"{data} has no product with both a category and an image; nothing to index")
@@ -141,11 +154,27 @@ def build(
             embed_seconds=round(embed_seconds, 3),
             embed_products_per_second=round(len(catalogue) / max(embed_seconds, 1e-9), 2),
         )
+        rows = catalogue_rows(dataset, categories, product_data, popularity, workers)
         staging = staging_dir(out, version)
         write_version(staging, version, categories, fingerprint, Path(checkpoint), popularity, products, provenance,
-                      exact_threshold, approximate, seed, progress, started=started)
+                      exact_threshold, approximate, seed, progress, started=started, catalogue=rows)
         publish(out, staging, keep)
         return version
+
+
+def catalogue_rows(dataset: STLDataset, categories: Sequence[CategoryData], product_data: Mapping[str, Product],
+                   popularity: Popularity, workers: int = 2) -> list[CatalogueRow]:
+    """One catalogue row per indexed product: its data (or just its id), category, row in the category's
+    index, training popularity and a thumbnail of its image."""
+    placed = [(data.category, row, pid) for data in categories for row, pid in enumerate(data.ids)]
+    # PIL releases the GIL while decoding and encoding, so threads use the cores.
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        thumbnails = list(pool.map(lambda item: make_thumbnail(dataset.product_path(item[2])), placed))
+    return [
+        CatalogueRow(product_data.get(pid) or Product(pid), category, row, popularity.count(pid), None,
+                     thumbnail, media_type)
+        for (category, row, pid), (thumbnail, media_type) in zip(placed, thumbnails, strict=True)
+    ]
 
 
 def _image_reference(dataset: STLDataset, product_id: str) -> str:
@@ -169,6 +198,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split-seed", type=int, default=None,
                         help="seed of the train split for popularity (default: the checkpoint's, else 0)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--products", type=Path, default=None,
+                        help="product data: JSONL, or CSV with label.<key> columns (default: DATA/products.jsonl)")
     add_progress_arg(parser)
     return parser
 
@@ -184,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         version = build(args.data, args.checkpoint, args.out, args.device, args.cache, args.exact_threshold,
                         args.approximate, args.keep, args.batch_size, args.workers, args.split_seed, args.seed,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, products_file=args.products)
     except (TrainingError, ArtifactError) as exc:
         return report(exc)
     print(f"published {version} under {args.out}")

@@ -28,6 +28,7 @@ from index.ann import (
     tune_search_params,
 )
 from index.artifact import CHECKPOINT_FILE, POPULARITY_FILE, PRODUCTS_FILE
+from index.catalogue import CATALOGUE_FILE, CatalogueRow, write_catalogue
 from index.manifest import (
     JSON_INDENT,
     MANIFEST_FILE,
@@ -137,6 +138,7 @@ def write_version(
     seed: int = 0,
     progress: bool = False,
     started: float | None = None,
+    catalogue: Sequence[CatalogueRow] | None = None,
 ) -> Manifest:
     """Fill `staging` with a complete version; the manifest, written last, records every file's sha256.
 
@@ -153,6 +155,8 @@ def write_version(
         entries[data.category] = write_category(staging, data, exact_threshold, approximate, seed, progress)
     write_json_atomic(staging / PRODUCTS_FILE, products, indent=JSON_INDENT)
     popularity.to_json(staging / POPULARITY_FILE)
+    if catalogue is not None:
+        write_catalogue(staging / CATALOGUE_FILE, catalogue)
     files = {entry.name: file_sha256(entry) for entry in sorted(staging.iterdir()) if entry.is_file()}
     manifest = Manifest(
         version=version,

@@ -305,3 +305,14 @@ def write_products(path: str | Path, products: Iterable[Product]) -> None:
     """`products.jsonl`, written atomically: readers see the old file or the whole new one."""
     text = "".join(json.dumps(product.to_json(), ensure_ascii=False) + "\n" for product in products)
     write_text_atomic(path, text)
+
+
+def read_dataset_products(root: str | Path) -> dict[str, Product]:
+    """The product data of a dataset directory (its optional products.jsonl) by id; {} when it has none.
+
+    The category file stays the source of truth for which products exist: rows here only add data.
+    """
+    path = Path(root) / PRODUCTS_FILE
+    if not path.is_file():
+        return {}
+    return {product.id: product for product in read_products(path)}
