@@ -22,6 +22,7 @@ from index.filters import (
     matches,
     mentions,
     parse_filter,
+    to_sql,
 )
 from training.data.products import Product
 
@@ -169,7 +170,11 @@ def test_sql_agrees_with_the_oracle(random_catalogue: tuple[list[Product], Catal
     products, catalogue = random_catalogue
     parsed = parse_filter(text, catalogue.label_keys())
     expected = [row for row, product in enumerate(products) if matches(parsed, product)]
+    # The columns (what allowed_rows evaluates) and the SQL (what the popularity fallback runs) both agree.
     assert catalogue.allowed_rows(CATEGORY, parsed, default_in_stock=False).tolist() == expected
+    where, params = to_sql(parsed)
+    found = catalogue._connection().execute(f"SELECT row FROM products WHERE {where} ORDER BY row", params)
+    assert [row for (row,) in found] == expected
 
 
 TOKENS = ["color", "brand", "price", "in_stock", "colour", "=", "!=", "<", "<=", ">", ">=", "AND", "OR", "NOT",
