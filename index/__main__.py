@@ -10,6 +10,7 @@ COMMANDS = {
     "build": ("index.build", "embed the catalogue and publish a new per-category index version"),
     "add": ("index.add", "publish a new version with products added (no full re-embedding)"),
     "remove": ("index.remove", "publish a new version with products removed"),
+    "update": ("index.update", "publish a new version with changed product data (no re-embedding)"),
     "verify": ("index.verify", "check a version's files, checkpoint and approximate-index recall"),
     "pipeline": ("index.pipeline", "synth -> train -> index build, for the demo and the docker indexer"),
 }

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from index.edit import changed, derive, open_current, unchanged
+from index.catalogue import CatalogueRow, make_thumbnail
+from index.edit import carried_rows, changed, derive, open_current, placement, unchanged
 from index.embed import embed_product_files
 from index.errors import ArtifactError, Refused
 from index.manifest import Change
 from index.publish import DEFAULT_KEEP, build_lock
 from training.cli import report
 from training.cli.args import add_device_arg
+from training.data.products import Product, read_products
 from training.data.stl import CategoryMap, is_valid_id
 from training.errors import TrainingError
 from training.model.checkpoint import load_embedder
@@ -79,11 +83,23 @@ def validate(products: list[NewProduct], catalogue: CategoryMap) -> list[NewProd
     return resolved
 
 
+def check_product_data(products: list[NewProduct], product_data: Mapping[str, Product]) -> None:
+    """Product data may only describe the products being added (the others change with `index update`)."""
+    stray = sorted(set(product_data) - {product.id for product in products})
+    if stray:
+        raise Refused(f"nothing published: product data for id(s) not being added {stray}")
+
+
 def add_products(root: Path, products: list[NewProduct], device: str = "auto", keep: int = DEFAULT_KEEP,
-                 batch_size: int = 64) -> str:
-    """Publish a new version = current + `products`; returns the new version name."""
+                 batch_size: int = 64, product_data: Mapping[str, Product] | None = None) -> str:
+    """Publish a new version = current + `products`; returns the new version name.
+
+    `product_data` (title, price, labels... by id) goes into the catalogue; an added product without data
+    gets a bare row. The catalogue is written when the current version has one or product data is given.
+    """
     started = time.perf_counter()
     root = Path(root)
+    check_product_data(products, product_data or {})
     with build_lock(root):
         artifact = open_current(root)
         records = artifact.products()
@@ -109,8 +125,18 @@ def add_products(root: Path, products: list[NewProduct], device: str = "auto", k
             all_vectors = np.concatenate([artifact.read_vectors(category), vectors[rows]])
             categories.append(changed(artifact, category, ids, all_vectors, index))
         records = records + [{"id": p.id, "category": p.category, "image": str(p.image.resolve())} for p in products]
+        catalogue = None
+        if artifact.catalogue_path is not None or product_data is not None:
+            placed = placement(artifact, categories)
+            added = []
+            for product in products:  # thumbnails first: a bad image refuses before anything is staged
+                thumbnail, media_type = make_thumbnail(product.image)
+                data = (product_data or {}).get(product.id) or Product(product.id)
+                added.append(CatalogueRow(data, *placed[product.id], 0, None, thumbnail, media_type))
+            catalogue = itertools.chain(carried_rows(artifact, placed), added)
         change = Change("add", [p.id for p in products])
-        version = derive(root, artifact, categories, records, change, embedder.fingerprint(), keep, started)
+        version = derive(root, artifact, categories, records, change, embedder.fingerprint(), keep, started,
+                         catalogue)
         LOG.info("added %d products: %s -> %s", len(products), artifact.version, version)
         return version
 
@@ -123,6 +149,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", action="append", default=[], type=Path, help="product image file, per --id")
     parser.add_argument("--from", dest="from_file", type=Path, default=None,
                         help='JSON lines of {"id", "category", "image"}')
+    parser.add_argument("--products", type=Path, default=None,
+                        help="catalogue data of the added products: JSONL, or CSV with label.<key> columns "
+                             "(as for build); a row for any other id is refused")
     add_device_arg(parser, strict=True)
     parser.add_argument("--keep", type=int, default=DEFAULT_KEEP)
     return parser
@@ -141,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         products = [NewProduct(*fields) for fields in zip(args.id, args.category, args.image, strict=True)]
         if args.from_file is not None:
             products += read_jsonl(args.from_file)
-        version = add_products(args.artifacts, products, args.device, args.keep)
+        product_data = (None if args.products is None
+                        else {product.id: product for product in read_products(args.products)})
+        version = add_products(args.artifacts, products, args.device, args.keep, product_data=product_data)
     except (TrainingError, ArtifactError) as exc:
         return report(exc)
     print(f"published {version} with {len(products)} product(s) added")

@@ -17,6 +17,7 @@ import numpy as np
 
 from index.ann import DEFAULT_APPROXIMATE, DEFAULT_EXACT_THRESHOLD, Approximate
 from index.catalogue import CatalogueRow, make_thumbnail
+from index.dedup import DEFAULT_DUPLICATE_THRESHOLD, group_duplicates, image_digest
 from index.embed import embed_product_files
 from index.errors import ArtifactError, Refused
 from index.manifest import Provenance, SplitRecord
@@ -88,11 +89,16 @@ def build(
     seed: int = 0,
     progress: bool = True,
     products_file: Path | None = None,
+    duplicate_threshold: float = DEFAULT_DUPLICATE_THRESHOLD,
 ) -> str:
     """Build and publish a new version from a dataset directory and a head checkpoint; returns the version.
 
     Product data comes from `products_file` (JSONL or CSV) when given, else from the dataset's optional
     products.jsonl; products without a row still get a catalogue entry (id, category, thumbnail).
+    Duplicates within a category (same image bytes, or vectors with inner product >= `duplicate_threshold`;
+    <= 0 keeps only the image rule) share a catalogue group (`index.dedup`). The default was measured on a
+    trained head; an untrained (random) head maps every product of a category above it, so tests with one
+    pass 0.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -154,7 +160,7 @@ def build(
             embed_seconds=round(embed_seconds, 3),
             embed_products_per_second=round(len(catalogue) / max(embed_seconds, 1e-9), 2),
         )
-        rows = catalogue_rows(dataset, categories, product_data, popularity, workers)
+        rows = catalogue_rows(dataset, categories, product_data, popularity, workers, duplicate_threshold)
         staging = staging_dir(out, version)
         write_version(staging, version, categories, fingerprint, Path(checkpoint), popularity, products, provenance,
                       exact_threshold, approximate, seed, progress, started=started, catalogue=rows)
@@ -163,17 +169,28 @@ def build(
 
 
 def catalogue_rows(dataset: STLDataset, categories: Sequence[CategoryData], product_data: Mapping[str, Product],
-                   popularity: Popularity, workers: int = 2) -> list[CatalogueRow]:
+                   popularity: Popularity, workers: int = 2, duplicate_threshold: float = 0.0) -> list[CatalogueRow]:
     """One catalogue row per indexed product: its data (or just its id), category, row in the category's
-    index, training popularity and a thumbnail of its image."""
+    index, training popularity, dedup group and a thumbnail of its image."""
     placed = [(data.category, row, pid) for data in categories for row, pid in enumerate(data.ids)]
-    # PIL releases the GIL while decoding and encoding, so threads use the cores.
+
+    def thumbnail_and_digest(pid: str) -> tuple[bytes, str, str]:
+        path = dataset.product_path(pid)
+        return (*make_thumbnail(path), image_digest(path))
+
+    # PIL releases the GIL while decoding and encoding (and hashlib while hashing), so threads use the cores.
+    ids = [pid for _, _, pid in placed]
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        thumbnails = list(pool.map(lambda item: make_thumbnail(dataset.product_path(item[2])), placed))
+        made = dict(zip(ids, pool.map(thumbnail_and_digest, ids), strict=True))
+    group_of: dict[str, str] = {}
+    for data in categories:
+        group_of.update(group_duplicates(
+            data.ids, data.vectors if duplicate_threshold > 0 else None, [made[pid][2] for pid in data.ids],
+            duplicate_threshold, {pid: popularity.count(pid) for pid in data.ids}))
     return [
-        CatalogueRow(product_data.get(pid) or Product(pid), category, row, popularity.count(pid), None,
-                     thumbnail, media_type)
-        for (category, row, pid), (thumbnail, media_type) in zip(placed, thumbnails, strict=True)
+        CatalogueRow(product_data.get(pid) or Product(pid), category, row, popularity.count(pid), group_of[pid],
+                     made[pid][0], made[pid][1])
+        for category, row, pid in placed
     ]
 
 
@@ -200,6 +217,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--products", type=Path, default=None,
                         help="product data: JSONL, or CSV with label.<key> columns (default: DATA/products.jsonl)")
+    parser.add_argument("--duplicate-threshold", type=float, default=DEFAULT_DUPLICATE_THRESHOLD,
+                        help="products of a category whose vectors' inner product reaches this are one dedup group "
+                             "(as are identical image files); 0 or negative: image files only "
+                             f"(default {DEFAULT_DUPLICATE_THRESHOLD})")
     add_progress_arg(parser)
     return parser
 
@@ -215,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         version = build(args.data, args.checkpoint, args.out, args.device, args.cache, args.exact_threshold,
                         args.approximate, args.keep, args.batch_size, args.workers, args.split_seed, args.seed,
-                        progress=not args.no_progress, products_file=args.products)
+                        progress=not args.no_progress, products_file=args.products,
+                        duplicate_threshold=args.duplicate_threshold)
     except (TrainingError, ArtifactError) as exc:
         return report(exc)
     print(f"published {version} under {args.out}")

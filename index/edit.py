@@ -1,8 +1,16 @@
-"""Deriving a new version from the current one (incremental add/remove) without re-embedding the catalogue."""
+"""Deriving a new version from the current one (incremental add/remove/update) without re-embedding the catalogue.
+
+A derived version carries the parent's catalogue.sqlite along: kept products keep their stored data and
+thumbnail bytes, renumbered to their rows in the new indexes. A parent built before catalogues existed
+gets one only when the edit brings product data (`add --products`, `update`).
+"""
 
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -10,10 +18,12 @@ import numpy as np
 
 from index.ann import choose_spec
 from index.artifact import Artifact, open_artifact
+from index.catalogue import Catalogue, CatalogueError, CatalogueRow, make_thumbnail
 from index.manifest import Change
 from index.publish import clean_stale, publish, staging_dir
 from index.writer import CategoryData, new_version, write_version
 from training.data.popularity import Popularity
+from training.data.products import Product
 from training.data.stl import CategoryMap
 
 LOG = logging.getLogger(__name__)
@@ -43,20 +53,79 @@ def restricted_popularity(artifact: Artifact, product_categories: dict[str, str]
     return Popularity({pid: parent.count(pid) for pid in product_categories}, CategoryMap(product_categories))
 
 
+def placement(artifact: Artifact, categories: Sequence[CategoryData]) -> dict[str, tuple[str, int]]:
+    """Product id -> (category, row) in the new version: its catalogue rows must follow the new ids."""
+    placed: dict[str, tuple[str, int]] = {}
+    for data in categories:
+        ids = artifact.read_ids(data.category) if data.copy_from is not None else data.ids
+        placed.update((product_id, (data.category, row)) for row, product_id in enumerate(ids))
+    return placed
+
+
+def _image_of(artifact: Artifact, record: dict) -> Path | None:
+    # products.json holds absolute paths for added products and dataset-relative ones for built products.
+    image = Path(str(record.get("image", "")))
+    if not image.is_absolute() and artifact.manifest.provenance.data_root is not None:
+        image = Path(artifact.manifest.provenance.data_root) / image
+    return image if image.is_file() else None
+
+
+def parent_rows(artifact: Artifact) -> Iterator[CatalogueRow]:
+    """The parent's catalogue rows. A parent without a catalogue gives bare rows: id, popularity, and a
+    thumbnail of the product's image where that can still be found."""
+    if artifact.catalogue_path is not None:
+        with Catalogue.open(artifact.catalogue_path) as catalogue:
+            yield from catalogue.rows()
+        return
+    images = {record["id"]: record for record in artifact.products()}
+    for category in sorted(artifact.categories):
+        for row, product_id in enumerate(artifact.read_ids(category)):
+            thumbnail, media_type = None, None
+            image = _image_of(artifact, images.get(product_id, {}))
+            if image is not None:
+                try:
+                    thumbnail, media_type = make_thumbnail(image)
+                except CatalogueError as exc:
+                    LOG.warning("no thumbnail for %s: %s", product_id, exc)
+            yield CatalogueRow(Product(product_id), category, row, artifact.popularity.count(product_id), None,
+                               thumbnail, media_type)
+
+
+def carried_rows(artifact: Artifact, placed: Mapping[str, tuple[str, int]],
+                 products: Mapping[str, Product] | None = None) -> Iterator[CatalogueRow]:
+    """The parent's rows of the products still `placed`, at their new rows; their data from `products` where
+    given. Thumbnails, popularity and dedup groups are carried over as stored."""
+    products = products or {}
+    for row in parent_rows(artifact):
+        where = placed.get(row.product.id)
+        if where is None:
+            continue  # removed
+        yield replace(row, product=products.get(row.product.id, row.product), category=where[0], row=where[1])
+
+
 def derive(root: Path, artifact: Artifact, categories: list[CategoryData], products: list[dict], change: Change,
-           fingerprint: dict, keep: int, started: float) -> str:
+           fingerprint: dict, keep: int, started: float,
+           catalogue: Iterable[CatalogueRow] | None = None) -> str:
     """Write the new version beside the parent and publish it atomically; returns the version name.
 
     The new version inherits what the catalogue was first built from (data, checkpoint source, split).
+    `catalogue` (rows, read lazily) becomes its catalogue.sqlite; None: the version has none.
     """
     parent = artifact.manifest
     version = new_version(f"{artifact.version}|{change.to_dict()}")
     provenance = parent.provenance.derive(artifact.version, change)
     popularity = restricted_popularity(artifact, {record["id"]: record["category"] for record in products})
     staging = staging_dir(root, version)
-    write_version(staging, version, categories, fingerprint, artifact.checkpoint_path, popularity, products,
-                  provenance, parent.exact_threshold, parent.approximate, progress=False, started=started)
-    publish(root, staging, keep)
+    try:
+        write_version(staging, version, categories, fingerprint, artifact.checkpoint_path, popularity, products,
+                      provenance, parent.exact_threshold, parent.approximate, progress=False, started=started,
+                      catalogue=catalogue)
+        publish(root, staging, keep)
+    except BaseException:
+        # `current` still names the parent; a failed edit leaves no half-written staging dir behind (a killed
+        # process cannot get here: the next edit's clean_stale removes its leftovers).
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return version
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from index.edit import changed, derive, open_current, unchanged
+from index.edit import carried_rows, changed, derive, open_current, placement, unchanged
 from index.errors import ArtifactError, Refused
 from index.manifest import Change
 from index.publish import DEFAULT_KEEP, build_lock
@@ -61,7 +61,11 @@ def remove_products(root: Path, product_ids: list[str], keep: int = DEFAULT_KEEP
         if not records:
             raise Refused("nothing published: removing these products would leave the index empty")
         change = Change("remove", sorted(doomed))
-        version = derive(root, artifact, categories, records, change, artifact.fingerprint(), keep, started)
+        # The catalogue follows the renumbered rows; a parent without one stays without one.
+        catalogue = (carried_rows(artifact, placement(artifact, categories))
+                     if artifact.catalogue_path is not None else None)
+        version = derive(root, artifact, categories, records, change, artifact.fingerprint(), keep, started,
+                         catalogue)
         LOG.info("removed %d products: %s -> %s", len(doomed), artifact.version, version)
         return version
 

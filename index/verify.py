@@ -1,5 +1,6 @@
-"""`python -m index verify ARTIFACTS`: files against the manifest's sha256s, the checkpoint, and recall@K of
-every approximate index against exact search on its own vectors. Non-zero exit on any problem."""
+"""`python -m index verify ARTIFACTS`: files against the manifest's sha256s, the checkpoint, the catalogue
+against the indexes, and recall@K of every approximate index against exact search on its own vectors.
+Non-zero exit on any problem."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from index.ann import RECALL_K, RECALL_TARGET, leave_one_out_recall, tuning_rows
 from index.artifact import Artifact, open_artifact
+from index.catalogue import Catalogue, CatalogueError, check_catalogue
 from index.errors import ArtifactError
 from training.cli import report as report_error
 from training.errors import TrainingError
@@ -58,6 +60,28 @@ def check_checkpoint(artifact: Artifact, checkpoint: Path | None) -> list[str]:
     return problems
 
 
+def check_catalogue_rows(artifact: Artifact) -> list[str]:
+    """The catalogue must fit the indexes (`check_catalogue`) and name, at every row, the product of that row
+    in the category's ids file: a hit maps to a product through its row. A version without one is fine."""
+    path = artifact.catalogue_path
+    if path is None:
+        return []
+    problems = check_catalogue(path, dict(artifact.categories))
+    if problems:
+        return problems
+    try:
+        with Catalogue.open(path) as catalogue:
+            for category in sorted(artifact.categories):
+                ids, named = artifact.read_ids(category), catalogue.row_ids(category)
+                wrong = [row for row, (pid, other) in enumerate(zip(ids, named, strict=True)) if pid != other]
+                if wrong:
+                    problems.append(f"{path.name}: category {category!r} rows {wrong[:10]} name other products "
+                                    f"than its ids file")
+    except (CatalogueError, ArtifactError) as exc:
+        problems.append(str(exc))
+    return problems
+
+
 def verify(root: Path, version: str | None = None, checkpoint: Path | None = None, k: int = RECALL_K,
            min_recall: float = RECALL_TARGET, queries: int = 256) -> Report:
     artifact = open_artifact(root, version)
@@ -72,6 +96,7 @@ def verify(root: Path, version: str | None = None, checkpoint: Path | None = Non
     except ArtifactError as exc:
         report.problems.append(str(exc))
         return report
+    report.problems += check_catalogue_rows(artifact)
     if len(products) != sum(artifact.categories.values()):
         report.problems.append(f"products.json lists {len(products)} products, indexes hold "
                                f"{sum(artifact.categories.values())}")

@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -138,7 +138,7 @@ def write_version(
     seed: int = 0,
     progress: bool = False,
     started: float | None = None,
-    catalogue: Sequence[CatalogueRow] | None = None,
+    catalogue: Iterable[CatalogueRow] | None = None,
 ) -> Manifest:
     """Fill `staging` with a complete version; the manifest, written last, records every file's sha256.
 

@@ -14,6 +14,7 @@ from service.engine import Engine
 from service.images import BadInput
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestMetrics
+from service.page import page_router
 from service.process import run_in_own_thread
 from service.routes import router
 from service.settings import Settings, get_settings
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Shop the Look", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.include_router(router)
+    app.include_router(page_router)
     # Added last = outermost: sizes are checked before anything else runs, and metrics see every request.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)

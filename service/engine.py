@@ -1,9 +1,12 @@
-"""The recommendation use case: `await engine.recommend(image, category, bbox, k, strategy)`.
+"""The use cases: `await engine.recommend(image, category, bbox, k, strategy, filter, offset, dedup)`, and
+"more like this", product data, thumbnails and facets (`similar`, `product`, `thumbnail`, `facets`).
 
 The engine owns one request's whole path: resolve the category, decide whether popularity must
 answer, then decode/crop -> forward pass -> index search through the batcher (whose stages are the
 loaded version's `encode_pre` / `encode_core` / `encode_post`), falling back to popularity when the
-embedding path breaks. Routes only parse form fields and serialise the `Recommendation`.
+embedding path breaks. Routes only parse form fields and serialise the `Recommendation`. Filters are parsed
+here (400 for the client's mistakes); the search and the catalogue lookup run in the post stage, on the
+same thread as the search (service/versions.py).
 
 Where the per-request CPU work runs is deployment policy, decided once in `Engine.start` from the
 settings and the device: on a CPU the batcher's own thread decodes, crops, embeds and searches in one
@@ -14,23 +17,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 
+from index.catalogue import Facets, ProductRecord
+from index.filters import mentions
 from service import process
 from service.batching import Batcher
 from service.images import BadInput
 from service.metrics import Metrics
 from service.schemas import Source, Strategy
+from service.search import Page, SearchSpec
 from service.settings import Settings
-from service.versions import LoadedVersion, Reloaded, Scene, VersionHolder
+from service.versions import LoadedVersion, Located, Reloaded, Scene, VersionHolder
 from training.data.stl import BBox, UnknownCategory
 from training.model.device import resolve_device
 
 LOG = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
 
 class NotServing(RuntimeError):
     """No index version is loaded: still loading (`loading`, worth retrying soon), or none can be."""
@@ -43,7 +53,8 @@ class NotServing(RuntimeError):
 class RankedItem(NamedTuple):
     product_id: str
     score: float
-    rank: int  # 1-based
+    rank: int  # 1-based, continuing across pages (offset 10: the first rank is 11)
+    record: ProductRecord | None = None  # the catalogue's data; None for versions without a catalogue
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,23 @@ class Recommendation:
     fallback_reason: str | None  # why popularity answered instead of embeddings
     items: list[RankedItem]
     index_version: str | None
+    offset: int = 0
+    note: str | None = None  # why there are no items (nothing matches the filter, past the end)
+
+
+@dataclass(frozen=True)
+class ProductView:
+    located: Located
+    index_version: str | None
+
+
+@dataclass(frozen=True)
+class FacetsView:
+    category: str
+    index_version: str | None
+    keys: list[str]  # what a filter may use; empty without a catalogue
+    facets: Facets | None  # None: the version has no catalogue
+    products: int
 
 
 def batch_workers(settings: Settings) -> int:
@@ -118,45 +146,127 @@ class Engine:
             raise NotServing(f"no index artifact is available: {self.holder.load_error}", loading=False)
         return loaded
 
-    async def recommend(self, image: bytes, category: str, bbox: BBox | None = None, k: int = 10,
-                        strategy: Strategy = "auto") -> Recommendation:
-        """Products of `category` that go with the item at `bbox` in the scene photo `image`.
-
-        BadInput for the client's mistakes (unknown category, bad image or crop); every other failure of
-        the embedding path is logged, counted and answered by popularity.
-        """
-        loaded = self.serving()  # read once: the whole request sees one version
+    def _resolve(self, loaded: LoadedVersion, category: str) -> str:
         try:
-            full_path = loaded.resolver.resolve(category)
+            return loaded.resolver.resolve(category)
         except UnknownCategory as exc:
             raise BadInput(400, str(exc)) from None
-        scene = Scene(image, bbox, full_path, k)
+
+    async def _in_pool(self, fn: Callable[..., T], *args: object) -> T:
+        """Catalogue and search work off the event loop, in the CPU pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, fn, *args)
+
+    def _count(self, endpoint: str, spec: SearchSpec) -> None:
+        self.metrics.searches.labels(endpoint=endpoint, filtered="true" if spec.filter is not None else "false",
+                                     dedup="true" if spec.dedup else "false").inc()
+
+    async def recommend(self, image: bytes, category: str, bbox: BBox | None = None, k: int = 10,
+                        strategy: Strategy = "auto", filter: str | None = None, offset: int = 0,
+                        dedup: bool = True) -> Recommendation:
+        """Products of `category` that go with the item at `bbox` in the scene photo `image`: the page
+        `offset .. offset + k` of the exact ranking of the products that pass `filter`.
+
+        BadInput for the client's mistakes (unknown category, bad filter, bad image or crop); every other
+        failure of the embedding path is logged, counted and answered by popularity.
+        """
+        loaded = self.serving()  # read once: the whole request sees one version
+        full_path = self._resolve(loaded, category)
+        spec = SearchSpec(full_path, k, offset, loaded.parse_filter(filter), dedup)
+        self._count("recommend", spec)
+        scene = Scene(image, bbox, spec)
         fallback = loaded.fallback(full_path, strategy)
-        hits: list[tuple[str, float]] | None = None
+        page: Page | None = None
         if fallback is not None:
             # Not embedding, but a bad image or crop is still refused; any other error here is a bug.
-            await asyncio.get_running_loop().run_in_executor(self.cpu_pool, loaded.check_scene, scene)
+            await self._in_pool(loaded.check_scene, scene)
         else:
             try:
-                hits = await self.batcher.run(loaded, scene)
+                page = await self.batcher.run(loaded, scene)
             except BadInput:
                 raise
             except Exception as exc:  # the model or index broke on this request: log, count, answer by popularity
                 LOG.exception("embedding search failed for category %s; serving popularity", full_path)
                 fallback = ("embedding_failed", f"embedding failed: {type(exc).__name__}")
-        if hits is None:
+        return await self._answer(loaded, spec, page, fallback)
+
+    async def similar(self, product_id: str, k: int = 10, offset: int = 0, filter: str | None = None,
+                      dedup: bool = True) -> Recommendation:
+        """More like this: the product's own stored vector searched in its category, itself (and with dedup
+        its duplicates) left out. BadInput 404 for an unknown product."""
+        loaded = self.serving()
+        condition = loaded.parse_filter(filter)
+        located = await self._in_pool(loaded.locate, product_id)
+        if located is None:
+            raise BadInput(404, f"unknown product {product_id!r}")
+        rows, ids = loaded.exclusions(located, dedup)
+        spec = SearchSpec(located.category, k, offset, condition, dedup, rows, ids)
+        self._count("similar", spec)
+        fallback = loaded.fallback(located.category, "auto")
+        page: Page | None = None
+        if fallback is None:
+            try:
+                page = await self._in_pool(loaded.similar_page, located, spec)
+            except Exception as exc:  # a broken vectors file or index: answer by popularity, as recommend does
+                LOG.exception("similar search failed for product %s; serving popularity", product_id)
+                fallback = ("embedding_failed", f"embedding failed: {type(exc).__name__}")
+        return await self._answer(loaded, spec, page, fallback)
+
+    async def _answer(self, loaded: LoadedVersion, spec: SearchSpec, page: Page | None,
+                      fallback: tuple[str, str] | None) -> Recommendation:
+        if page is None:
             assert fallback is not None
             self.metrics.fallbacks.labels(reason=fallback[0]).inc()
-            hits = loaded.popular(full_path, k)
+            page = await self._in_pool(loaded.popular_page, spec)
         return Recommendation(
-            category=full_path,
+            category=spec.category,
             source="embedding" if fallback is None else "popularity",
             fallback_reason=None if fallback is None else fallback[1],
-            items=[RankedItem(pid, score, rank) for rank, (pid, score) in enumerate(hits[:k], 1)],
+            items=[RankedItem(hit.product_id, hit.score, rank, hit.record)
+                   for rank, hit in enumerate(page.hits[:spec.k], spec.offset + 1)],
             index_version=loaded.version,
+            offset=spec.offset,
+            note=None if page.hits else _empty_note(spec, page.matching),
         )
+
+    async def product(self, product_id: str) -> ProductView:
+        loaded = self.serving()
+        located = await self._in_pool(loaded.locate, product_id)
+        if located is None:
+            raise BadInput(404, f"unknown product {product_id!r}")
+        return ProductView(located, loaded.version)
+
+    async def thumbnail(self, product_id: str) -> tuple[bytes, str, str]:
+        """(bytes, media type, etag) of the product's thumbnail; BadInput 404 when unknown or without one."""
+        loaded = self.serving()
+        found = await self._in_pool(loaded.thumbnail, product_id)
+        if found is None:
+            raise BadInput(404, f"no image for product {product_id!r}")
+        return found
+
+    async def facets(self, category: str, filter: str | None = None) -> FacetsView:
+        """What a filter UI needs for a category: label values and counts, brands, price range, stock."""
+        loaded = self.serving()
+        full_path = self._resolve(loaded, category)
+        condition = loaded.parse_filter(filter)
+        facets = await self._in_pool(loaded.facets, full_path, condition)
+        keys = sorted(loaded.catalogue.keys()) if loaded.catalogue is not None else []
+        return FacetsView(full_path, loaded.version, keys, facets, loaded.product_counts.get(full_path, 0))
 
     async def reload(self, version: str | None = None, force: bool = False) -> Reloaded:
         """Switch to a published version (ReloadRefused keeps the served one), other requests served meanwhile."""
         # In a thread of its own, whose OpenMP team ends with it (see service/process.py).
         return await process.run_in_own_thread(lambda: self.holder.reload(version, force), "stl-reload")
+
+
+def _empty_note(spec: SearchSpec, matching: int) -> str | None:
+    """Why an answer has no items (None when it simply has none to give)."""
+    if matching == 0:
+        if spec.filter is None:
+            return (f"no product of {spec.category} can be shown: out-of-stock products are left out unless a "
+                    "filter mentions in_stock")
+        stock = ("" if mentions(spec.filter, "in_stock")
+                 else " (out-of-stock products are left out unless it mentions in_stock)")
+        return f"no product of {spec.category} matches the filter{stock}"
+    if spec.offset > 0:
+        return f"offset {spec.offset} is past the end of the results ({matching} matching products)"
+    return None

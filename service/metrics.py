@@ -27,6 +27,10 @@ class Metrics:
         self.fallbacks = Counter(
             "stl_fallbacks", "Recommendations served by popularity, by reason", ["reason"], registry=self.registry,
         )
+        self.searches = Counter(
+            "stl_searches", "Recommend and similar requests by endpoint, whether filtered and whether deduplicated",
+            ["endpoint", "filtered", "dedup"], registry=self.registry,
+        )
         self.reloads = Counter(
             "stl_reloads", "Index reloads by outcome", ["outcome"], registry=self.registry,
         )

@@ -6,20 +6,25 @@ import logging
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, HTTPException, Path, Query, Request, Response, UploadFile
 
 from service.deps import AdminDep, EngineDep, ServingEngineDep, VersionDep
+from service.engine import RankedItem, Recommendation
 from service.images import BadInput, parse_bbox
 from service.schemas import (
     CategoriesResponse,
     CategoryInfo,
     ErrorResponse,
+    FacetsResponse,
     HealthResponse,
     Item,
+    PriceRange,
+    ProductResponse,
     ReadyResponse,
     RecommendResponse,
     ReloadResponse,
     Strategy,
+    product_fields,
 )
 from service.versions import ReloadRefused
 
@@ -28,7 +33,20 @@ LOG = logging.getLogger(__name__)
 router = APIRouter()
 
 MAX_K = 100
+MAX_OFFSET = 1000
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 413, 415, 503)}
+LOOKUP_ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 503)}
+# Thumbnails change only with a new index version; the ETag (a content hash) revalidates them after that.
+THUMBNAIL_CACHE_CONTROL = "public, max-age=3600"
+
+FILTER_HELP = (
+    "only products matching this, e.g. `brand=acme AND (colour=red OR colour=\"dark blue\") AND price<=80`: "
+    "key=value, key!=value, price with <, <=, >, >=, in_stock=true|false, AND, OR, NOT, parentheses; keys are "
+    "brand, price, in_stock and the catalogue's label keys (GET /facets lists them). Out-of-stock products are "
+    "left out unless the filter mentions in_stock. Unknown key or bad syntax: 400"
+)
+OFFSET_HELP = "items to skip: offset 10 with k 10 returns items 11-20 of the same ranking"
+DEDUP_HELP = "show each group of duplicate products once (its most popular member); false shows them all"
 
 
 @router.post(
@@ -43,6 +61,9 @@ async def recommend(
     bbox: Annotated[str | None, Form(description="'left,top,right,bottom' in [0,1], origin top-left")] = None,
     k: Annotated[int, Form(ge=1, le=MAX_K, description="number of products")] = 10,
     strategy: Annotated[Strategy, Form(description="auto: embeddings with fallback; popularity")] = "auto",
+    filter: Annotated[str | None, Form(description=FILTER_HELP)] = None,
+    offset: Annotated[int, Form(ge=0, le=MAX_OFFSET, description=OFFSET_HELP)] = 0,
+    dedup: Annotated[bool, Form(description=DEDUP_HELP)] = True,
 ) -> Response:
     started = time.perf_counter()
     box = parse_bbox(bbox)
@@ -50,18 +71,98 @@ async def recommend(
     data = await image.read(limit + 1)
     if len(data) > limit:
         raise BadInput(413, f"the image is larger than STL_MAX_UPLOAD_MB = {engine.settings.max_upload_mb} MB")
-    answer = await engine.recommend(data, category, box, k, strategy)
+    answer = await engine.recommend(data, category, box, k, strategy, filter, offset, dedup)
     request.state.source = answer.source
+    return _recommendation(answer, started)
+
+
+@router.get("/products/{product_id}", response_model=ProductResponse, responses=LOOKUP_ERRORS,
+            summary="One product's catalogue data (404 for an unknown id)")
+async def product(engine: ServingEngineDep, product_id: Annotated[str, Path()]) -> ProductResponse:
+    view = await engine.product(product_id)
+    return ProductResponse.of(view.located.product_id, view.located.category, view.located.record,
+                              view.index_version)
+
+
+@router.get("/products/{product_id}/image", response_class=Response, responses={
+    200: {"content": {"image/webp": {}, "image/jpeg": {}}, "description": "the thumbnail"},
+    304: {"description": "the thumbnail named by If-None-Match is still current"}, **LOOKUP_ERRORS},
+    summary="A product's thumbnail, with an ETag (answers 304 to a matching If-None-Match)")
+async def product_image(
+    engine: ServingEngineDep,
+    product_id: Annotated[str, Path()],
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    data, media_type, etag = await engine.thumbnail(product_id)
+    headers = {"ETag": f'"{etag}"', "Cache-Control": THUMBNAIL_CACHE_CONTROL}
+    if _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(data, media_type=media_type, headers=headers)
+
+
+@router.get("/products/{product_id}/similar", response_model=RecommendResponse, responses=LOOKUP_ERRORS,
+            summary="More like this: products of the same category closest to this one (itself left out)")
+async def similar(
+    request: Request,
+    engine: ServingEngineDep,
+    product_id: Annotated[str, Path()],
+    k: Annotated[int, Query(ge=1, le=MAX_K, description="number of products")] = 10,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description=OFFSET_HELP)] = 0,
+    filter: Annotated[str | None, Query(description=FILTER_HELP)] = None,
+    dedup: Annotated[bool, Query(description=DEDUP_HELP)] = True,
+) -> Response:
+    started = time.perf_counter()
+    answer = await engine.similar(product_id, k, offset, filter, dedup)
+    request.state.source = answer.source
+    return _recommendation(answer, started)
+
+
+@router.get("/facets", response_model=FacetsResponse, responses=LOOKUP_ERRORS,
+            summary="What a filter UI needs for a category: label values with counts, brands, price range, stock")
+async def facets(
+    engine: ServingEngineDep,
+    category: Annotated[str, Query(description="short name or full path")],
+    filter: Annotated[str | None, Query(description="count only the products matching this (same syntax as "
+                                                    "/recommend, without the in-stock default)")] = None,
+) -> FacetsResponse:
+    view = await engine.facets(category, filter)
+    found = view.facets
+    if found is None:  # a version without a catalogue: only the count is known
+        return FacetsResponse(category=view.category, index_version=view.index_version, keys=[],
+                              products=view.products, in_stock=None, price=PriceRange(min=None, max=None),
+                              brands={}, labels={})
+    return FacetsResponse(category=view.category, index_version=view.index_version, keys=view.keys,
+                          products=found.total, in_stock=found.in_stock,
+                          price=PriceRange(min=found.price_min, max=found.price_max),
+                          brands=dict(found.brands), labels={key: dict(values) for key, values in found.labels.items()})
+
+
+def _item(item: RankedItem) -> Item:
+    return Item(**product_fields(item.product_id, item.record), rank=item.rank, score=item.score)
+
+
+def _recommendation(answer: Recommendation, started: float) -> Response:
     body = RecommendResponse(
         category=answer.category,
         source=answer.source,
         fallback_reason=answer.fallback_reason,
-        items=[Item(product_id=item.product_id, score=item.score, rank=item.rank) for item in answer.items],
+        items=[_item(item) for item in answer.items],
+        offset=answer.offset,
+        note=answer.note,
         index_version=answer.index_version,
         took_ms=round((time.perf_counter() - started) * 1000.0, 3),
     )
     # Serialised here: returned as a model, FastAPI would validate it a second time against response_model.
     return Response(body.model_dump_json(), media_type="application/json")
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header names this ETag (weak comparison, as RFC 9110 asks for GET)."""
+    if if_none_match is None:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == f'"{etag}"' for tag in if_none_match.split(","))
 
 
 @router.get("/healthz", response_model=HealthResponse, summary="The process is alive")

@@ -3,17 +3,48 @@
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import quote
 
 from pydantic import BaseModel, Field
+
+from index.catalogue import ProductRecord
 
 Source = Literal["embedding", "popularity"]
 Strategy = Literal["auto", "popularity"]
 
 
-class Item(BaseModel):
+class ProductData(BaseModel):
+    """A product's catalogue data; a field the catalogue lacks is null (so is every field for versions
+    built before catalogues)."""
+
     product_id: str
-    score: float
-    rank: int = Field(ge=1, description="1-based position in the list")
+    title: str | None = None
+    brand: str | None = None
+    price: float | None = None
+    currency: str | None = Field(None, description="ISO 4217 code of the price")
+    url: str | None = None
+    in_stock: bool | None = None
+    labels: dict[str, list[str]] | None = Field(None, description="label key -> values, e.g. {'colour': ['red']}")
+    image_url: str | None = Field(None, description="/products/<id>/image, null when there is no thumbnail")
+
+
+def product_fields(product_id: str, record: ProductRecord | None) -> dict[str, object]:
+    """The ProductData fields of a catalogue record (nulls without one)."""
+    if record is None:
+        return {"product_id": product_id}
+    product = record.product
+    return {
+        "product_id": product_id, "title": product.title, "brand": product.brand, "price": product.price,
+        "currency": product.currency, "url": product.url, "in_stock": product.in_stock,
+        "labels": {key: list(values) for key, values in product.labels.items()},
+        "image_url": f"/products/{quote(product_id, safe='')}/image" if record.thumbnail_etag else None,
+    }
+
+
+class Item(ProductData):
+    rank: int = Field(ge=1, description="1-based position in the whole ranking (offset 10: the first is 11)")
+    score: float = Field(description="similarity of the product (with dedup: of its group's best match); "
+                                     "popularity answers: training pair count")
 
 
 class RecommendResponse(BaseModel):
@@ -21,8 +52,40 @@ class RecommendResponse(BaseModel):
     source: Source
     fallback_reason: str | None = Field(None, description="why popularity was served instead of embeddings")
     items: list[Item]
+    offset: int = Field(0, description="items skipped before the first one returned")
+    note: str | None = Field(None, description="why there are no items, e.g. nothing matches the filter")
     index_version: str | None
     took_ms: float
+
+
+class ProductResponse(ProductData):
+    category: str = Field(description="full category path")
+    group_id: str | None = Field(None, description="dedup group: duplicates of one product share it")
+    popularity: int | None = Field(None, description="training pairs the product appears in")
+    index_version: str | None
+
+    @classmethod
+    def of(cls, product_id: str, category: str, record: ProductRecord | None,
+           index_version: str | None) -> ProductResponse:
+        return cls(**product_fields(product_id, record), category=category,
+                   group_id=record.group_id if record else None, popularity=record.popularity if record else None,
+                   index_version=index_version)
+
+
+class PriceRange(BaseModel):
+    min: float | None
+    max: float | None
+
+
+class FacetsResponse(BaseModel):
+    category: str = Field(description="full category path")
+    index_version: str | None
+    keys: list[str] = Field(description="keys a filter may use; empty when the version has no catalogue")
+    products: int = Field(description="products matching (all of the category without a filter)")
+    in_stock: int | None = Field(description="of those, known to be in stock; null without a catalogue")
+    price: PriceRange
+    brands: dict[str, int] = Field(description="brand -> product count")
+    labels: dict[str, dict[str, int]] = Field(description="label key -> value -> product count")
 
 
 class CategoryInfo(BaseModel):

@@ -1,12 +1,17 @@
-"""Index versions: one loaded version (embedder + per-category indexes + popularity), and the holder that
-serves one and swaps it on a reload.
+"""Index versions: one loaded version (embedder + per-category indexes + catalogue + popularity), and the
+holder that serves one and swaps it on a reload.
 
 A `LoadedVersion` is built completely off to the side and never mutated afterwards; a hot reload
 replaces the holder's single reference. A request reads that reference once and uses the same version
 until it answers, so it can never see half of one version and half of another.
 
 A loaded version is also the model the batcher drives (service/batching.py): `encode_pre` decodes and
-crops one scene, `encode_core` embeds a stack of crops, `encode_post` searches one category's index.
+crops one scene, `encode_core` embeds a stack of crops, `encode_post` searches one category's index
+(filtered, paged, deduplicated: service/search.py) and looks the hits up in the catalogue.
+
+The catalogue (SQLite, read-only) is opened at load and belongs to its version. A reload never closes the
+previous version's catalogue: a request that read the old version may still be using it. It is left to the
+garbage collector, which closes its connections once the last request holding that version is done.
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from index.artifact import ArtifactError, CategoryIndex, current_version, open_artifact
+from index.artifact import Artifact, ArtifactError, CategoryIndex, current_version, open_artifact
+from index.catalogue import Catalogue, CatalogueError, Facets, ProductRecord
+from index.filters import Filter, FilterError, parse_filter
 from service.images import BadInput, decode_image
 from service.metrics import Metrics
 from service.process import FaissThreads
+from service.search import CategorySearch, Groups, Hit, Page, RowPage, SearchSpec
 from service.settings import Settings
 from training.data.stl import BBox, CategoryResolver
 from training.model.checkpoint import load_embedder
@@ -44,12 +52,37 @@ class PopularityTable(Protocol):
 
 @dataclass(frozen=True)
 class Scene:
-    """One request's input to the stages: the upload, the item's box and where to search."""
+    """One request's input to the stages: the upload, the item's box and what to search for."""
 
     image: bytes
     bbox: BBox | None
-    category: str  # full path, resolved
-    k: int
+    search: SearchSpec
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where a product sits: its category and row in that category's index, and its catalogue record."""
+
+    product_id: str
+    category: str
+    row: int
+    record: ProductRecord | None  # None: the version has no catalogue
+
+
+class StoredVectors:
+    """Each category's stored index rows, read from the artifact once, on first use ("more like this")."""
+
+    def __init__(self, artifact: Artifact) -> None:
+        self._artifact = artifact
+        self._lock = threading.Lock()
+        self._loaded: dict[str, np.ndarray] = {}
+
+    def row(self, category: str, row: int) -> np.ndarray:
+        with self._lock:  # held while reading: two first requests must not read the same file twice
+            vectors = self._loaded.get(category)
+            if vectors is None:
+                vectors = self._loaded[category] = self._artifact.read_vectors(category)
+        return vectors[row]
 
 
 @dataclass(frozen=True)
@@ -60,6 +93,10 @@ class LoadedVersion:
     popularity: PopularityTable | None
     embedder: Embedder | None
     indexes: Mapping[str, CategoryIndex] = field(default_factory=dict)
+    searches: Mapping[str, CategorySearch] = field(default_factory=dict)  # one per index: filtered, paged, dedup
+    catalogue: Catalogue | None = None  # None: built before catalogues (or unreadable); items carry nulls
+    vectors: StoredVectors | None = None
+    locations: Mapping[str, tuple[str, int]] = field(default_factory=dict)  # id -> (category, row) w/o catalogue
     problem: str | None = None  # why embeddings cannot be served (the service is then degraded)
     max_image_pixels: int = Settings.model_fields["max_image_pixels"].default
     search_threads: FaissThreads = field(
@@ -92,6 +129,75 @@ class LoadedVersion:
         except KeyError:  # a category the table does not know has no popular products to offer
             return []
 
+    def parse_filter(self, text: str | None) -> Filter | None:
+        """The request's filter (None when blank); BadInput 400 naming the position or listing the keys."""
+        if text is None or not text.strip():
+            return None
+        if self.catalogue is None:
+            raise BadInput(400, f"filters need a product catalogue; index version {self.version} has none "
+                                "(built before catalogues): rebuild it with `python -m index build`")
+        try:
+            return parse_filter(text, self.catalogue.label_keys())
+        except FilterError as exc:
+            raise BadInput(400, str(exc)) from None
+
+    def allowed_rows(self, category: str, condition: Filter | None) -> np.ndarray | None:
+        """Rows that pass the filter and the in-stock default; None (all rows) without a catalogue."""
+        return None if self.catalogue is None else self.catalogue.allowed_rows(category, condition)
+
+    def search_page(self, vector: np.ndarray, spec: SearchSpec) -> Page:
+        """The exact filtered page for a query vector, looked up in the catalogue."""
+        search = self.searches[spec.category]
+        allowed = self.allowed_rows(spec.category, spec.filter)
+        rows: RowPage = self.search_threads.call(search.page, np.asarray(vector)[None, :], spec, allowed)
+        ids = search.index.product_ids
+        hit_rows = [row for row, _ in rows.hits]
+        records = (self.catalogue.by_rows(spec.category, hit_rows) if self.catalogue is not None
+                   else [None] * len(hit_rows))
+        return Page([Hit(ids[row], score, record)
+                     for (row, score), record in zip(rows.hits, records, strict=True)], rows.matching)
+
+    def popular_page(self, spec: SearchSpec) -> Page:
+        """The popularity fallback for the same page, honouring the filter, dedup and exclusions."""
+        want = spec.offset + spec.k + len(spec.exclude_ids)  # from the top, so that exclusions never shift pages
+        if self.catalogue is None:
+            ranked = [Hit(pid, score, None) for pid, score in self.popular(spec.category, want)
+                      if pid not in spec.exclude_ids]
+            matching = self.product_counts.get(spec.category, 0) - len(spec.exclude_ids)
+        else:
+            records = self.catalogue.popular(spec.category, spec.filter, want, one_per_group=spec.dedup)
+            ranked = [Hit(record.id, float(record.popularity), record) for record in records
+                      if record.id not in spec.exclude_ids]
+            allowed = self.catalogue.allowed_rows(spec.category, spec.filter)
+            matching = len(allowed) - int(np.isin(np.asarray(spec.exclude_rows, dtype=np.int64), allowed).sum())
+        return Page(ranked[spec.offset:spec.offset + spec.k], max(0, matching))
+
+    def locate(self, product_id: str) -> Located | None:
+        if self.catalogue is not None:
+            record = self.catalogue.product(product_id)
+            return None if record is None else Located(record.id, record.category, record.row, record)
+        found = self.locations.get(product_id)
+        return None if found is None else Located(product_id, found[0], found[1], None)
+
+    def exclusions(self, located: Located, dedup: bool) -> tuple[tuple[int, ...], frozenset[str]]:
+        """What a "more like this" never answers, as rows and ids: the product, and with dedup its whole group."""
+        search = self.searches.get(located.category)
+        if dedup and search is not None and search.groups is not None:
+            rows = tuple(int(row) for row in search.groups.members_of(located.row))
+            return rows, frozenset(search.index.product_ids[row] for row in rows)
+        return (located.row,), frozenset({located.product_id})
+
+    def similar_page(self, located: Located, spec: SearchSpec) -> Page:
+        """More like this: the product's own stored vector searched in its category."""
+        assert self.vectors is not None
+        return self.search_page(self.vectors.row(located.category, located.row), spec)
+
+    def facets(self, category: str, condition: Filter | None) -> Facets | None:
+        return None if self.catalogue is None else self.catalogue.facets(category, condition)
+
+    def thumbnail(self, product_id: str) -> tuple[bytes, str, str] | None:
+        return None if self.catalogue is None else self.catalogue.thumbnail(product_id)
+
     def check_scene(self, scene: Scene) -> None:
         """Refuse a bad image or crop (BadInput) without embedding it: popularity answers need valid input too."""
         try:
@@ -115,9 +221,9 @@ class LoadedVersion:
         assert self.embedder is not None
         return self.embedder.embed_batch(batch, "scene")
 
-    def encode_post(self, scene: Scene, vector: np.ndarray) -> list[tuple[str, float]]:
-        """The scene's top-k (product id, score) in its category, faiss held to its thread limit."""
-        return self.search_threads.call(self.indexes[scene.category].search, np.asarray(vector)[None, :], scene.k)[0]
+    def encode_post(self, scene: Scene, vector: np.ndarray) -> Page:
+        """The scene's page of its category (filtered, deduplicated), with the products' catalogue data."""
+        return self.search_page(vector, scene.search)
 
 
 def _describe(exc: BaseException) -> str:
@@ -141,11 +247,13 @@ def load_version(settings: Settings, version: str | None = None) -> LoadedVersio
         problems.append(f"popularity unavailable ({_describe(exc)})")
     embedder: Embedder | None = None
     indexes: dict[str, CategoryIndex] = {}
+    searches: dict[str, CategorySearch] = {}
     try:
         checkpoint = settings.checkpoint or artifact.checkpoint_path
         embedder = load_embedder(checkpoint, settings.device, settings.backbone_weights)
         artifact.check_embedder(embedder.fingerprint())
         indexes = artifact.load_indexes()
+        searches = {category: CategorySearch(index) for category, index in indexes.items()}
         # One forward pass now: a broken model fails here, at load time, not on the first user.
         size = embedder.preprocess.image_size
         embedder.embed_batch(torch.zeros(1, 3, size, size), "scene")
@@ -153,7 +261,14 @@ def load_version(settings: Settings, version: str | None = None) -> LoadedVersio
         LOG.error("version %s cannot serve embeddings, falling back to popularity: %s", artifact.version,
                   _describe(exc))
         problems.insert(0, f"embeddings unavailable ({_describe(exc)})")
-        embedder, indexes = None, {}
+        embedder, indexes, searches = None, {}, {}
+    catalogue: Catalogue | None = None
+    try:
+        catalogue = _open_catalogue(artifact, searches)
+    except Exception as exc:  # a broken catalogue costs product data and filters, not the search
+        LOG.exception("catalogue of version %s is unusable", artifact.version)
+        problems.append(f"catalogue unavailable ({_describe(exc)})")
+    locations = _locations(artifact) if catalogue is None else {}
     paths = set(artifact.categories) | set(indexes)
     if popularity is not None:
         paths |= set(popularity.categories())
@@ -164,6 +279,10 @@ def load_version(settings: Settings, version: str | None = None) -> LoadedVersio
         popularity=popularity,
         embedder=embedder,
         indexes=indexes,
+        searches=searches,
+        catalogue=catalogue,
+        vectors=StoredVectors(artifact),
+        locations=locations,
         problem="; ".join(problems) or None,
         max_image_pixels=settings.max_image_pixels,
         search_threads=FaissThreads(settings.faiss_threads),
@@ -171,6 +290,43 @@ def load_version(settings: Settings, version: str | None = None) -> LoadedVersio
     LOG.info("loaded index version %s (%s, %d categories, %d indexed) in %.2fs", loaded.version, loaded.status,
              len(paths), len(indexes), time.perf_counter() - started)
     return loaded
+
+
+def _open_catalogue(artifact: Artifact, searches: Mapping[str, CategorySearch]) -> Catalogue | None:
+    """The version's catalogue (None for versions built before catalogues), checked against the indexes,
+    its dedup groups attached to each category's search."""
+    path = artifact.catalogue_path
+    if path is None:
+        LOG.info("version %s has no catalogue: answers carry product ids only, filters are refused",
+                 artifact.version)
+        return None
+    catalogue = Catalogue.open(path)
+    try:
+        for category, search in searches.items():
+            records = catalogue.by_rows(category, range(search.size))
+            if [record.id for record in records] != search.index.product_ids:
+                raise CatalogueError(f"{path}: the products of category {category!r} are not in its index's order")
+            search.groups = Groups.of([record.group_id for record in records],
+                                      [record.popularity for record in records])
+    except BaseException:
+        catalogue.close()
+        for search in searches.values():
+            search.groups = None
+        raise
+    return catalogue
+
+
+def _locations(artifact: Artifact) -> dict[str, tuple[str, int]]:
+    """Product id -> (category, row) from the id files, for versions without a catalogue."""
+    found: dict[str, tuple[str, int]] = {}
+    for category in artifact.categories:
+        try:
+            ids = artifact.read_ids(category)
+        except ArtifactError as exc:
+            LOG.warning("version %s: ids of %r unreadable: %s", artifact.version, category, exc)
+            continue
+        found.update((product_id, (category, row)) for row, product_id in enumerate(ids))
+    return found
 
 
 class ReloadRefused(RuntimeError):

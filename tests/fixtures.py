@@ -139,3 +139,20 @@ def write_feature_dataset(root: Path) -> STLDataset:
     (root / "categories.json").write_text(json.dumps(FEATURE_PRODUCTS))
     write_pairs(root / "pairs.jsonl", FEATURE_PAIRS)
     return STLDataset.open(root)
+
+
+# ---------------------------------------------------------------- product data (tests/index edit, update)
+
+def write_product_data(root: Path) -> dict[str, dict[str, object]]:
+    """A products.jsonl beside a tiny dataset's categories.json: every product with a title, price and stock,
+    and a colour label on every other one. Returns the records by id."""
+    product_ids = sorted(json.loads((root / "categories.json").read_text()))
+    records: dict[str, dict[str, object]] = {}
+    for number, product_id in enumerate(product_ids):
+        record: dict[str, object] = {"id": product_id, "title": f"Product {product_id}", "price": 10.0 + number,
+                                     "currency": "EUR", "in_stock": number % 3 != 0}
+        if number % 2 == 0:
+            record["labels"] = {"color": ["red", "blue"][number % 4 // 2]}
+        records[product_id] = record
+    (root / "products.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records.values()))
+    return records

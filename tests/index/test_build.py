@@ -1,16 +1,19 @@
-"""`python -m index build`: popularity counts the training split the head was trained on; exit codes."""
+"""`python -m index build`: popularity counts the training split the head was trained on; dedup groups; exit codes."""
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import index.build
 from index.artifact import list_versions, open_artifact
 from index.build import build, catalogue_fingerprint
 from index.build import main as build_main
+from index.catalogue import Catalogue
 from training.__main__ import main as training_main
 from training.data.split import split_by_scene
 from training.data.stl import STLDataset
@@ -86,3 +89,32 @@ def test_build_cli_lets_a_bug_keep_its_traceback(tmp_path: Path, dataset_dir: Pa
     monkeypatch.setattr(index.build, "embed_catalogue", broken)
     with pytest.raises(ZeroDivisionError):
         build_main(_args(dataset_dir, checkpoint_path, tmp_path / "art"))
+
+
+def _groups(root: Path) -> dict[str, str]:
+    artifact = open_artifact(root)
+    assert artifact.catalogue_path is not None
+    with Catalogue.open(artifact.catalogue_path) as catalogue:
+        return {row.product.id: row.group_id for row in catalogue.rows()}  # type: ignore[misc]
+
+
+def test_build_groups_duplicates_per_category(tmp_path: Path, checkpoint_path: Path) -> None:
+    data = make_dataset(tmp_path / "data")
+    images = data / "images" / "products"
+    shutil.copyfile(images / "p0x001.jpg", images / "p0x000.jpg")  # the same file listed twice
+    with Image.open(images / "p0x003.jpg") as picture:  # a re-encoded copy: other bytes, nearly the same vector
+        picture.save(images / "p0x002.jpg", "JPEG", quality=60)
+
+    build(data, checkpoint_path, tmp_path / "digest", device="cpu", workers=0, progress=False,
+          duplicate_threshold=0.0)  # image rule only
+    groups = _groups(tmp_path / "digest")
+    popularity = open_artifact(tmp_path / "digest").popularity
+    leader = min(["p0x000", "p0x001"], key=lambda pid: (-popularity.count(pid), pid))
+    assert groups["p0x000"] == groups["p0x001"] == leader
+    assert all(group == pid for pid, group in groups.items() if pid not in {"p0x000", "p0x001"})
+
+    # The tiny random head puts every pair of products above 0.997: only a threshold above that tells copies.
+    assert build_main(_args(data, checkpoint_path, tmp_path / "vectors", "--duplicate-threshold", "0.99999")) == 0
+    groups = _groups(tmp_path / "vectors")
+    assert groups["p0x000"] == groups["p0x001"] and groups["p0x002"] == groups["p0x003"] != groups["p0x000"]
+    assert len(set(groups.values())) == len(groups) - 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +11,20 @@ import pytest
 
 import index.remove
 from index.add import main as add_main
-from index.artifact import current_version, list_versions, open_artifact
+from index.artifact import Artifact, current_version, list_versions, open_artifact
 from index.build import build
+from index.catalogue import CATALOGUE_FILE, Catalogue
+from index.manifest import MANIFEST_FILE, write_manifest
 from index.remove import main as remove_main
+from index.verify import verify
+from tests.fixtures import write_product_data
 from training.errors import EXIT_INPUT, EXIT_MISMATCH
 from training.model.checkpoint import load_embedder
 
 from .conftest import draw_image, make_checkpoint
 
 SHOES = "Apparel & Accessories|Shoes"
+PANTS = "Apparel & Accessories|Clothing|Pants"
 
 
 def _embed(artifacts: Path, image: Path) -> np.ndarray:
@@ -148,3 +154,107 @@ def test_edit_clis_refuse_bad_arguments_and_let_bugs_raise(artifacts: Path,
     monkeypatch.setattr(index.remove, "derive", broken)
     with pytest.raises(ZeroDivisionError):
         remove_main(["--artifacts", str(artifacts), "--id", "p0x000"])
+
+
+@pytest.fixture
+def catalogued(tmp_path: Path, dataset_dir: Path, checkpoint_path: Path) -> Path:
+    """An artifact root whose version was built with product data (DATA/products.jsonl)."""
+    write_product_data(dataset_dir)
+    root = tmp_path / "catalogued"
+    build(dataset_dir, checkpoint_path, root, device="cpu", workers=0, progress=False)
+    return root
+
+
+def _rows_match_ids(artifact: Artifact) -> None:
+    """For every category, catalogue row r names the product of ids.json[r]."""
+    assert artifact.catalogue_path is not None
+    with Catalogue.open(artifact.catalogue_path) as catalogue:
+        assert catalogue.categories() == artifact.categories
+        for category in artifact.categories:
+            assert catalogue.row_ids(category) == artifact.read_ids(category)
+            records = catalogue.by_rows(category, range(artifact.categories[category]))
+            assert [record.id for record in records] == artifact.read_ids(category)
+
+
+def test_remove_renumbers_the_catalogue_rows(catalogued: Path) -> None:
+    before = open_artifact(catalogued)
+    with Catalogue.open(before.catalogue_path) as catalogue:  # type: ignore[arg-type]
+        old = {record.id: record for c in before.categories
+               for record in catalogue.by_rows(c, range(before.categories[c]))}
+        thumbnails = {pid: catalogue.thumbnail(pid) for pid in old}
+    gone = [before.read_ids(SHOES)[1], before.read_ids(PANTS)[0]]
+    assert remove_main(["--artifacts", str(catalogued), "--id", gone[0], "--id", gone[1]]) == 0
+    after = open_artifact(catalogued)
+    _rows_match_ids(after)
+    with Catalogue.open(after.catalogue_path) as catalogue:  # type: ignore[arg-type]
+        assert len(catalogue) == len(old) - 2 and not catalogue.products(gone)
+        for record in catalogue.products(set(old) - set(gone)).values():
+            # Same product data, popularity and thumbnail bytes; only the row may move.
+            assert record.product == old[record.id].product and record.popularity == old[record.id].popularity
+            assert thumbnails[record.id] is not None and catalogue.thumbnail(record.id) == thumbnails[record.id]
+    assert catalogue_row(after, SHOES, 1) == before.read_ids(SHOES)[2]  # moved up into the gap
+    assert verify(catalogued).ok
+
+
+def catalogue_row(artifact: Artifact, category: str, row: int) -> str:
+    with Catalogue.open(artifact.catalogue_path) as catalogue:  # type: ignore[arg-type]
+        return catalogue.by_rows(category, [row])[0].id
+
+
+def test_add_with_products_stores_their_data_and_thumbnails(catalogued: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    before = open_artifact(catalogued)
+    first, second = tmp_path / "n1.jpg", tmp_path / "n2.jpg"
+    draw_image(first, np.random.default_rng(11))
+    draw_image(second, np.random.default_rng(12))
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"id": "n1", "title": "Blue runner", "price": 55.0, "in_stock": True,
+                                "labels": {"color": "blue"}}) + "\n")
+    stray = tmp_path / "stray.jsonl"
+    stray.write_text(json.dumps({"id": "p0x000", "title": "Not being added"}) + "\n")
+    args = ["--artifacts", str(catalogued), "--device", "cpu", "--id", "n1", "--category", "Shoes", "--image",
+            str(first), "--id", "n2", "--category", "Pants", "--image", str(second)]
+    assert add_main([*args, "--products", str(stray)]) == 1
+    assert "product data for id(s) not being added ['p0x000']" in capsys.readouterr().err
+    assert list_versions(catalogued) == [before.version]
+
+    assert add_main([*args, "--products", str(data)]) == 0
+    after = open_artifact(catalogued)
+    _rows_match_ids(after)
+    with Catalogue.open(after.catalogue_path) as catalogue:  # type: ignore[arg-type]
+        n1, n2 = catalogue.product("n1"), catalogue.product("n2")
+        assert n1 is not None and n2 is not None
+        assert (n1.product.title, n1.product.price, n1.product.labels) == ("Blue runner", 55.0, {"color": ("blue",)})
+        assert (n1.category, n1.row, n1.popularity) == (SHOES, before.categories[SHOES], 0)
+        assert n2.product.title is None and n2.row == before.categories[PANTS]  # no data: a bare row
+        assert catalogue.thumbnail("n1") is not None and catalogue.thumbnail("n2") is not None
+        kept = catalogue.product("p0x000")
+        assert kept is not None and kept.product.title == "Product p0x000"
+    assert verify(catalogued).ok
+
+
+def _strip_catalogue(artifact: Artifact) -> None:
+    """Make the version look as if built before catalogues existed."""
+    (artifact.path / CATALOGUE_FILE).unlink()
+    files = {name: sha for name, sha in artifact.manifest.files.items() if name != CATALOGUE_FILE}
+    write_manifest(artifact.path / MANIFEST_FILE, replace(artifact.manifest, files=files))
+
+
+def test_a_version_without_catalogue_gets_one_only_with_product_data(artifacts: Path, tmp_path: Path) -> None:
+    _strip_catalogue(open_artifact(artifacts))
+    assert remove_main(["--artifacts", str(artifacts), "--id", "p0x000"]) == 0
+    assert open_artifact(artifacts).catalogue_path is None
+    image = tmp_path / "n1.jpg"
+    draw_image(image, np.random.default_rng(5))
+    data = tmp_path / "data.csv"
+    data.write_text("id,title,label.color\nn1,Green shoe,green\n")
+    assert add_main(["--artifacts", str(artifacts), "--device", "cpu", "--id", "n1", "--category", "Shoes",
+                     "--image", str(image), "--products", str(data)]) == 0
+    after = open_artifact(artifacts)
+    _rows_match_ids(after)
+    with Catalogue.open(after.catalogue_path) as catalogue:  # type: ignore[arg-type]
+        n1, old = catalogue.product("n1"), catalogue.product("p0x001")
+        assert n1 is not None and n1.product.labels == {"color": ("green",)}
+        # Products of the old version get bare rows with a thumbnail of their (still reachable) image.
+        assert old is not None and old.product.title is None and catalogue.thumbnail("p0x001") is not None
+    assert verify(artifacts).ok

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from index.build import build
 from service.app import create_app
 from service.settings import Settings
 from tests.fixtures import make_tiny_checkpoint, random_picture, write_tiny_dataset
+from training.data.products import PRODUCTS_FILE, Product, write_products
 
 SHOES = "Apparel & Accessories|Shoes"
 BAGS = "Apparel & Accessories|Handbags"
@@ -44,8 +46,11 @@ def make_dataset(root: Path, seed: int = 0) -> Path:
 make_checkpoint = make_tiny_checkpoint
 
 
-def build_version(data: Path, checkpoint: Path, root: Path) -> str:
-    return build(data, checkpoint, root, device="cpu", workers=0, progress=False)
+def build_version(data: Path, checkpoint: Path, root: Path, **options) -> str:
+    # Vector dedup off: the tiny random head maps every picture to nearly one vector, so at the build's
+    # threshold the whole category would be one group. Identical image files are still grouped.
+    options = {"duplicate_threshold": 0.0, **options}
+    return build(data, checkpoint, root, device="cpu", workers=0, progress=False, **options)
 
 
 def make_settings(artifacts: Path, **overrides) -> Settings:
@@ -89,3 +94,47 @@ def post(client: TestClient, image: bytes | None = None, category: str | None = 
         data["category"] = category
     files = {"image": ("scene.jpg", image if image is not None else scene_jpeg(), "image/jpeg")}
     return client.post("/recommend", data=data, files=files)
+
+
+# ---------------------------------------------------------------- a shop: product data, duplicates, stock
+
+SHOP_CATEGORIES = {SHOES: 32, BAGS: 8}
+SHOP_BRANDS = ("Acme", "Zenith", "Nova")
+SHOP_COLOURS = ("red", "blue", "green", "dark blue", "black")
+SHOP_STOCK = (True, True, False, None)  # a quarter out of stock, a quarter unknown (kept by the default)
+SHOP_DUPLICATE = ("p0x004", "p0x005")  # the same picture file: the build puts them in one dedup group
+
+
+def shop_products(product_ids: list[str]) -> list[Product]:
+    """Product data for `product_ids`: brands, prices (some missing), stock, colour and size labels."""
+    products = []
+    for i, pid in enumerate(sorted(product_ids)):
+        products.append(Product(
+            id=pid, title=f"Item {pid}", brand=SHOP_BRANDS[i % 3],
+            price=None if i % 7 == 0 else float(10 + (i * 13) % 90), currency="EUR",
+            url=f"https://shop.example/{pid}", in_stock=SHOP_STOCK[i % 4],
+            labels={"colour": (SHOP_COLOURS[i % 5],), "size": ("s", "m") if i % 2 else ("l",)},
+        ))
+    return products
+
+
+@pytest.fixture(scope="session")
+def shop(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A dataset with products.jsonl and one duplicate picture, built by the real index build."""
+    base = tmp_path_factory.mktemp("shop")
+    data = write_tiny_dataset(base / "data", SHOP_CATEGORIES, scenes=16, items_per_scene=3, seed=3)
+    first, second = (data / "images" / "products" / f"{pid}.jpg" for pid in SHOP_DUPLICATE)
+    shutil.copyfile(first, second)
+    categories = json.loads((data / "categories.json").read_text())
+    products = shop_products(list(categories))
+    write_products(data / PRODUCTS_FILE, products)
+    root = base / "artifacts"
+    build_version(data, make_checkpoint(base / "head.pt"), root)
+    return {"data": data, "root": root, "products": {product.id: product for product in products},
+            "categories": categories}
+
+
+@pytest.fixture(scope="session")
+def shop_client(shop: dict) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings(shop["root"]))) as app:
+        yield app

@@ -382,8 +382,9 @@ def _draw_necklace(c: _Canvas, s: dict[str, float]) -> None:
     c.ellipse("trim", (0.485, 0.15 + depth - 0.015, 0.515, 0.15 + depth + 0.03))
 
 
-def render_sprite(look: Look, size: int) -> tuple[Image.Image, tuple[float, float, float, float]]:
-    """The item alone as RGBA cropped to its content, and that crop's box in the canvas' unit coordinates."""
+def sprite_layers(look: Look, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The item's unshaded colours [size, size, 3] (0..255), its coverage and its interior (coverage less the
+    one-pixel rim that `render_sprite` darkens), both [size, size] in 0..1."""
     canvas = _Canvas(size)
     drawers = {"shoes": _draw_shoe, "top": _draw_top, "pants": _draw_legs, "shorts": _draw_legs,
                "skirt": _draw_skirt, "bag": _draw_bag, "sunglasses": _draw_sunglasses,
@@ -396,12 +397,18 @@ def render_sprite(look: Look, size: int) -> tuple[Image.Image, tuple[float, floa
     trim = np.asarray(canvas.trim, dtype=np.float32) / 255.0
     rgb = pattern_image(look, size) * (1.0 - trim[..., None]) + np.asarray(look.trim, np.float32) * trim[..., None]
     alpha = np.maximum(main, trim)
-    # A darker rim keeps the silhouette readable on any background, as seams and shadows do in photos.
     eroded = alpha.copy()
     eroded[1:] = np.minimum(eroded[1:], alpha[:-1])
     eroded[:-1] = np.minimum(eroded[:-1], alpha[1:])
     eroded[:, 1:] = np.minimum(eroded[:, 1:], alpha[:, :-1])
     eroded[:, :-1] = np.minimum(eroded[:, :-1], alpha[:, 1:])
+    return rgb, alpha, eroded
+
+
+def render_sprite(look: Look, size: int) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """The item alone as RGBA cropped to its content, and that crop's box in the canvas' unit coordinates."""
+    rgb, alpha, eroded = sprite_layers(look, size)
+    # A darker rim keeps the silhouette readable on any background, as seams and shadows do in photos.
     rgb *= 1.0 - 0.35 * (alpha - eroded)[..., None]
     rgba = np.dstack([np.clip(rgb, 0, 255), alpha * 255.0]).astype(np.uint8)
     image = Image.fromarray(rgba, "RGBA")

@@ -4,6 +4,11 @@ Products of the 10 STL-Fashion categories (with their real relative sizes) each 
 pattern); scenes show a person wearing 2-5 products of different categories that share a latent style
 (palette family + pattern family). Products are drawn into scenes by a Zipf-like popularity, so a few
 appear often and many never (cold start). The output is read by `training.data.stl.STLDataset.open`.
+
+`products.jsonl` holds each product's data (title, brand, price, stock, colour/pattern/style labels; see
+`training.data.synth.products`). Like a real catalogue it lists ~2 % of the products a second time under another
+id with a byte-identical picture; those listings are catalogue-only (never in a scene) and `duplicates.json`
+maps each one to the product it copies, so deduplication can be measured.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from training.data.products import PRODUCTS_FILE, Product, write_products
 from training.data.stl import CategoryMap, Pair, product_path, scene_path, short_name, write_pairs
 from training.data.synth.draw import (
     BOTTOMS,
@@ -34,12 +40,15 @@ from training.data.synth.draw import (
     render_scene,
     sample_look,
 )
+from training.data.synth.products import describe, relist
 from training.errors import DataError, TrainingError
+from training.io import write_json_atomic
 
 LOG = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2  # bump whenever the drawing or sampling changes, so old outputs are told apart
+GENERATOR_VERSION = 3  # bump whenever the drawing or sampling changes, so old outputs are told apart
 CONFIG_FILE = "synth.json"
+DUPLICATES_FILE = "duplicates.json"  # {duplicate listing id: id of the product it copies}
 DEFAULT_CATEGORIES_SOURCE = Path(__file__).resolve().parents[4] / "shared" / "stl" / "fashion-cat.json"
 _PREFIX = "Apparel & Accessories|"
 # Product counts of the real STL-Fashion categories (fashion-cat.json), for clones without ../shared.
@@ -58,7 +67,7 @@ FALLBACK_CATEGORIES: tuple[tuple[str, int], ...] = (
 ITEMS_PER_SCENE = (2, 3, 4, 5)
 ITEMS_PER_SCENE_P = (0.3, 0.35, 0.25, 0.1)
 # Independent random streams, so that e.g. changing how scenes are drawn never changes the products.
-_LOOK, _POPULARITY, _PLAN, _RENDER = 1, 2, 3, 4
+_LOOK, _POPULARITY, _PLAN, _RENDER, _PRODUCT, _DUPLICATE = 1, 2, 3, 4, 5, 6
 
 
 class OutputExists(TrainingError, FileExistsError):
@@ -81,6 +90,8 @@ class SynthConfig:
     scene_quality: int = 85
     product_quality: int = 90
     categories: tuple[tuple[str, int], ...] = FALLBACK_CATEGORIES
+    duplicate_rate: float = 0.02  # extra catalogue listings, as a share of `products`, that copy a product
+    out_of_stock_rate: float = 0.1
     version: int = GENERATOR_VERSION
 
     def __post_init__(self) -> None:
@@ -102,6 +113,8 @@ class SynthConfig:
             raise DataError(f"synth can only draw {sorted(SHAPE_OF_CATEGORY)}; unknown categories {unknown}")
         if any(count < 1 for _, count in self.categories):
             raise DataError("category counts must be positive")
+        if not 0.0 <= self.duplicate_rate <= 0.5 or not 0.0 <= self.out_of_stock_rate <= 1.0:
+            raise DataError("duplicate_rate must lie in [0, 0.5] and out_of_stock_rate in [0, 1]")
 
     def to_dict(self) -> dict:
         raw = asdict(self)
@@ -119,16 +132,18 @@ class SynthConfig:
 class SynthSummary:
     out: Path
     scenes: int
-    products: int
+    products: int  # drawn products; the catalogue lists `products + duplicates` ids
     pairs: int
     products_per_category: dict[str, int]
     pairs_per_category: dict[str, int]
+    duplicates: int = 0
     seconds: float = 0.0
     reused: bool = False  # the directory already held this exact dataset, nothing was written
 
     def to_dict(self) -> dict:
-        return {"scenes": self.scenes, "products": self.products, "pairs": self.pairs,
-                "products_per_category": self.products_per_category, "pairs_per_category": self.pairs_per_category}
+        return {"scenes": self.scenes, "products": self.products, "duplicates": self.duplicates,
+                "pairs": self.pairs, "products_per_category": self.products_per_category,
+                "pairs_per_category": self.pairs_per_category}
 
 
 @dataclass
@@ -141,6 +156,17 @@ class Catalogue:
     weights: np.ndarray  # popularity weight per product
     scene_ids: list[str]
     scene_items: list[list[int]] = field(default_factory=list)  # product indices per scene
+    duplicates: list[tuple[str, int]] = field(default_factory=list)  # (listing id, index of the product it copies)
+
+    def duplicate_of(self) -> dict[str, str]:
+        """Duplicate listing id -> id of the product it copies."""
+        return {listing: self.product_ids[original] for listing, original in self.duplicates}
+
+    def category_of(self) -> dict[str, str]:
+        """Every catalogue id (duplicate listings too) -> its category path."""
+        categories = dict(zip(self.product_ids, self.product_paths, strict=True))
+        categories.update((listing, self.product_paths[original]) for listing, original in self.duplicates)
+        return categories
 
 
 def make_id(seed: int, kind: str, index: int) -> str:
@@ -193,6 +219,11 @@ def plan(config: SynthConfig) -> Catalogue:
 
     catalogue = Catalogue([make_id(config.seed, "product", i) for i in range(config.products)], product_paths,
                           looks, weights, [make_id(config.seed, "scene", j) for j in range(config.scenes)])
+    rng = np.random.default_rng([config.seed, _DUPLICATE])
+    originals = np.sort(rng.choice(config.products, size=round(config.duplicate_rate * config.products),
+                                   replace=False))
+    catalogue.duplicates = [(make_id(config.seed, "duplicate", k), int(original))
+                            for k, original in enumerate(originals)]
     category_p = np.asarray(sizes, dtype=np.float64) / config.products
     styles = np.asarray([(look.palette, look.pattern_family) for look in looks], dtype=np.int64)
     for j in range(config.scenes):
@@ -227,6 +258,25 @@ def _scene_items(rng: np.random.Generator, config: SynthConfig, paths: list[str]
         p = weights[candidates] / weights[candidates].sum()
         items.append(int(rng.choice(candidates, p=p)))
     return items
+
+
+def product_records(config: SynthConfig, catalogue: Catalogue) -> list[Product]:
+    """The product data of every catalogue id: the drawn products in order, then the duplicate listings."""
+    records = [describe(product_id, look, np.random.default_rng([config.seed, _PRODUCT, index]),
+                        config.out_of_stock_rate)
+               for index, (product_id, look) in enumerate(zip(catalogue.product_ids, catalogue.looks, strict=True))]
+    for k, (listing, original) in enumerate(catalogue.duplicates):
+        rng = np.random.default_rng([config.seed, _PRODUCT, config.products + k])
+        records.append(relist(records[original], listing, rng, config.out_of_stock_rate))
+    return records
+
+
+def read_duplicates(root: str | Path) -> dict[str, str]:
+    """A synth dataset's duplicate listings: listing id -> id of the product it copies ({} when none)."""
+    path = Path(root) / DUPLICATES_FILE
+    if not path.is_file():
+        return {}
+    return {str(listing): str(original) for listing, original in json.loads(path.read_text("utf-8")).items()}
 
 
 # ---------------------------------------------------------------- rendering (run in worker processes)
@@ -291,7 +341,7 @@ def _existing_config(out: Path) -> SynthConfig | None | bool:
 def _summary_from(out: Path) -> SynthSummary:
     raw = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))["summary"]
     return SynthSummary(out, raw["scenes"], raw["products"], raw["pairs"], raw["products_per_category"],
-                        raw["pairs_per_category"], reused=True)
+                        raw["pairs_per_category"], duplicates=raw.get("duplicates", 0), reused=True)
 
 
 def generate(out: Path, config: SynthConfig, workers: int = 1, force: bool = False,
@@ -330,18 +380,22 @@ def generate(out: Path, config: SynthConfig, workers: int = 1, force: bool = Fal
         initargs = (staging, config, catalogue)
         for _ in _run(_render_product, config.products, workers, initargs, "products", progress):
             pass
+        for listing, original in catalogue.duplicates:  # the same picture, byte for byte, as real duplicates
+            shutil.copyfile(product_path(staging, catalogue.product_ids[original]), product_path(staging, listing))
         pairs: list[Pair] = []
         for j, boxes in enumerate(_run(_render_scene, config.scenes, workers, initargs, "scenes", progress)):
             for item, box in zip(catalogue.scene_items[j], boxes, strict=True):
                 if box is not None:
                     pairs.append(Pair(catalogue.scene_ids[j], catalogue.product_ids[item], _clamp(box)))
         write_pairs(staging / "pairs.jsonl", pairs)
-        CategoryMap(dict(zip(catalogue.product_ids, catalogue.product_paths, strict=True))).write(
-            staging / "categories.json")
-        by_product = dict(zip(catalogue.product_ids, catalogue.product_paths, strict=True))
+        by_product = catalogue.category_of()
+        CategoryMap(by_product).write(staging / "categories.json")
+        write_products(staging / PRODUCTS_FILE, product_records(config, catalogue))
+        write_json_atomic(staging / DUPLICATES_FILE, dict(sorted(catalogue.duplicate_of().items())))
         summary = SynthSummary(out, config.scenes, config.products, len(pairs),
                                dict(sorted(Counter(catalogue.product_paths).items())),
-                               dict(sorted(Counter(by_product[p.product_id] for p in pairs).items())))
+                               dict(sorted(Counter(by_product[p.product_id] for p in pairs).items())),
+                               duplicates=len(catalogue.duplicates))
         # Category counts are in the config; where they were read from is not, so that a clean clone (built-in
         # table) and a machine with ../shared (the real file, same counts) write the same bytes.
         record = {"generator": "training.data.synth.plan", "config": config.to_dict(), "summary": summary.to_dict()}
