@@ -20,6 +20,7 @@ from index.catalogue import CatalogueRow, make_thumbnail
 from index.dedup import DEFAULT_DUPLICATE_THRESHOLD, group_duplicates, image_digest
 from index.embed import embed_product_files
 from index.errors import ArtifactError, Refused
+from index.examples import DEFAULT_EXAMPLES, choose_examples, write_examples
 from index.manifest import Provenance, SplitRecord
 from index.publish import DEFAULT_KEEP, build_lock, clean_stale, publish, staging_dir
 from index.writer import CategoryData, new_version, write_version
@@ -90,6 +91,7 @@ def build(
     progress: bool = True,
     products_file: Path | None = None,
     duplicate_threshold: float = DEFAULT_DUPLICATE_THRESHOLD,
+    examples: int = DEFAULT_EXAMPLES,
 ) -> str:
     """Build and publish a new version from a dataset directory and a head checkpoint; returns the version.
 
@@ -140,7 +142,8 @@ def build(
 
         # Popularity from TRAINING pairs only (same split as training), ranked over the indexed products.
         split_seed = split_seed_of(checkpoint) if split_seed is None else split_seed
-        train_pairs = split_by_scene(dataset.pairs, SPLIT_FRACTIONS, split_seed).train
+        split = split_by_scene(dataset.pairs, SPLIT_FRACTIONS, split_seed)
+        train_pairs = split.train
         indexed_map = CategoryMap({pid: dataset.categories.of(pid) for pid in indexed})
         popularity = Popularity.from_pairs((p for p in train_pairs if p.product_id in indexed), indexed_map)
 
@@ -160,10 +163,13 @@ def build(
             embed_seconds=round(embed_seconds, 3),
             embed_products_per_second=round(len(catalogue) / max(embed_seconds, 1e-9), 2),
         )
+        # Test-split scenes (never trained on) for the page's "try an example".
+        chosen = choose_examples(split.test, {pid: dataset.categories.of(pid) for pid in indexed}, examples, seed)
         rows = catalogue_rows(dataset, categories, product_data, popularity, workers, duplicate_threshold)
         staging = staging_dir(out, version)
         write_version(staging, version, categories, fingerprint, Path(checkpoint), popularity, products, provenance,
-                      exact_threshold, approximate, seed, progress, started=started, catalogue=rows)
+                      exact_threshold, approximate, seed, progress, started=started, catalogue=rows,
+                      examples=lambda folder: write_examples(folder, dataset, chosen))
         publish(out, staging, keep)
         return version
 

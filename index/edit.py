@@ -19,6 +19,7 @@ import numpy as np
 from index.ann import choose_spec
 from index.artifact import Artifact, open_artifact
 from index.catalogue import Catalogue, CatalogueError, CatalogueRow, make_thumbnail
+from index.examples import carry_examples
 from index.manifest import Change
 from index.publish import clean_stale, publish, staging_dir
 from index.writer import CategoryData, new_version, write_version
@@ -119,7 +120,7 @@ def derive(root: Path, artifact: Artifact, categories: list[CategoryData], produ
     try:
         write_version(staging, version, categories, fingerprint, artifact.checkpoint_path, popularity, products,
                       provenance, parent.exact_threshold, parent.approximate, progress=False, started=started,
-                      catalogue=catalogue)
+                      catalogue=catalogue, examples=lambda folder: carry_examples(artifact.path, folder))
         publish(root, staging, keep)
     except BaseException:
         # `current` still names the parent; a failed edit leaves no half-written staging dir behind (a killed

@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -139,8 +139,11 @@ def write_version(
     progress: bool = False,
     started: float | None = None,
     catalogue: Iterable[CatalogueRow] | None = None,
+    examples: Callable[[Path], object] | None = None,
 ) -> Manifest:
     """Fill `staging` with a complete version; the manifest, written last, records every file's sha256.
+
+    `examples` writes the version's sample scenes into the staging folder (`index.examples`).
 
     `fingerprint` is `Embedder.fingerprint()` of the embedder the vectors came from; `started` (a
     time.perf_counter() value) is when the whole operation began, for `build_seconds`.
@@ -157,6 +160,8 @@ def write_version(
     popularity.to_json(staging / POPULARITY_FILE)
     if catalogue is not None:
         write_catalogue(staging / CATALOGUE_FILE, catalogue)
+    if examples is not None:
+        examples(staging)
     files = {entry.name: file_sha256(entry) for entry in sorted(staging.iterdir()) if entry.is_file()}
     manifest = Manifest(
         version=version,

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from service.engine import Engine
+from service.examples import examples_router
 from service.images import BadInput
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestMetrics
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Shop the Look", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.include_router(router)
     app.include_router(page_router)
+    app.include_router(examples_router)
     # Added last = outermost: sizes are checked before anything else runs, and metrics see every request.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)

@@ -118,3 +118,24 @@ def test_build_groups_duplicates_per_category(tmp_path: Path, checkpoint_path: P
     groups = _groups(tmp_path / "vectors")
     assert groups["p0x000"] == groups["p0x001"] and groups["p0x002"] == groups["p0x003"] != groups["p0x000"]
     assert len(set(groups.values())) == len(groups) - 2
+
+
+def test_build_ships_test_split_examples_and_edits_carry_them(tmp_path: Path, checkpoint_path: Path) -> None:
+    from index.examples import read_examples
+    from index.remove import remove_products
+    from training.data.split import split_by_scene
+    from training.data.stl import STLDataset
+
+    data = make_dataset(tmp_path / "data")
+    build(data, checkpoint_path, tmp_path / "art", device="cpu", workers=0, progress=False, examples=5)
+    artifact = open_artifact(tmp_path / "art")
+    examples = read_examples(artifact.path)
+    dataset = STLDataset.open(data)
+    test_scenes = {pair.scene_id for pair in split_by_scene(dataset.pairs, seed=0).test}
+    assert 0 < len(examples) <= 5 and len({e.scene_id for e in examples}) == len(examples)
+    assert all(e.scene_id in test_scenes for e in examples)  # never a scene the head was trained on
+    assert all(e.category == dataset.categories.of(e.product_id) for e in examples)
+    assert artifact.check_files() == []  # the example files are covered by the manifest's checksums
+    kept = next(pid for pid in dataset.catalogue() if pid not in {e.product_id for e in examples})
+    remove_products(tmp_path / "art", [kept])
+    assert read_examples(open_artifact(tmp_path / "art").path) == examples
