@@ -29,22 +29,35 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def demo_request(base_url: str, data: Path, seed: int) -> dict:
+def demo_request(base_url: str, data: Path, seed: int, filter_text: str | None = None) -> dict:
     dataset = STLDataset.open(data, on_error="skip")
     pair = random.Random(seed).choice(dataset.pairs)
     category = dataset.categories.of(pair.product_id)
     bbox = ",".join(f"{value:.6f}" for value in pair.bbox)
-    print(f"\nPOST {base_url}/recommend  scene={pair.scene_id} category={category!r} bbox={bbox} k=5")
+    shown = f" filter={filter_text!r}" if filter_text else ""
+    print(f"\nPOST {base_url}/recommend  scene={pair.scene_id} category={category!r} bbox={bbox} k=5{shown}")
     print(f"(the product actually in that box is {pair.product_id})")
+    form = {"category": category, "bbox": bbox, "k": "5", **({"filter": filter_text} if filter_text else {})}
     with dataset.scene_path(pair.scene_id).open("rb") as image:
         response = httpx.post(
             f"{base_url}/recommend",
             files={"image": (f"{pair.scene_id}.jpg", image, "image/jpeg")},
-            data={"category": category, "bbox": bbox, "k": "5"},
+            data=form,
             timeout=60.0,
         )
     response.raise_for_status()
     return response.json()
+
+
+def print_answer(answer: dict) -> None:
+    """The answer as a shopper would read it: rank, title, brand, price, score (and the raw JSON's head)."""
+    print(f"source: {answer['source']}  index {answer['index_version']}  {answer['took_ms']:.1f} ms"
+          + (f"  note: {answer['note']}" if answer.get("note") else ""))
+    for item in answer["items"]:
+        price = f"{item['price']:.2f} {item.get('currency') or ''}".strip() if item.get("price") is not None else "-"
+        title = item.get("title") or item["product_id"]
+        print(f"  #{item['rank']:<2} {title:<40.40} {item.get('brand') or '-':<18.18} {price:>12}  "
+              f"score {item['score']:.3f}  ({item['product_id']})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,10 +73,14 @@ def main(argv: list[str] | None = None) -> int:
             wait_until_ready(base_url, server, poll_s=0.5)
         except ServiceNotReady as exc:
             raise SystemExit(f"{exc}; see its log above") from None
-        print(json.dumps(demo_request(base_url, args.data, args.seed), indent=2))
+        answer = demo_request(base_url, args.data, args.seed)
+        print_answer(answer)
+        print("first item as JSON:", json.dumps(answer["items"][0] if answer["items"] else None, indent=2))
+        print_answer(demo_request(base_url, args.data, args.seed, "price<=60 AND in_stock=true"))
         if args.no_serve:
             return 0
-        print(f"\nserving on {base_url} — try {base_url}/docs ; Ctrl-C to stop")
+        print(f"\nserving on {base_url} — open {base_url}/ to shop the look (API docs at {base_url}/docs); "
+              "Ctrl-C to stop")
         server.wait()
         return server.returncode or 0
     except KeyboardInterrupt:
