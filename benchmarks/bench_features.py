@@ -1,5 +1,6 @@
 """Feature-extraction throughput: the cached pipeline (decode + crop + resize in workers, backbone, memmap
-writes) against the bare backbone forward on pre-decoded tensors, same images and batch size, same run.
+writes) against the runtime's bare backbone forward on pre-decoded arrays, same images and batch size, same
+run, for torch and the exported runtime (OpenVINO) side by side.
 
     python benchmarks/bench_features.py                       # 512 generated 256x320 JPEGs
     python benchmarks/bench_features.py --data DIR --workers 0 1 2 --threads 2
@@ -25,8 +26,11 @@ from PIL import Image
 from training.data.stl import CategoryMap, Pair, STLDataset, product_path, scene_path, write_pairs
 from training.fit.features import cache_features
 from training.model.backbones import available, load_backbone
+from training.model.batch_runtime import batch_runtime
 from training.model.embedder import Embedder
-from training.model.preprocess import load_crop
+from training.model.export import export_embedder
+from training.model.preprocess import load_array
+from training.model.runtimes import Runtime
 
 LOG = logging.getLogger(__name__)
 DEFAULT_OUT = Path(__file__).parent / "results" / "features.json"
@@ -64,24 +68,30 @@ def make_dataset(root: Path, images: int, width: int, height: int, seed: int = 0
     return STLDataset.open(root)
 
 
-def bare_forward(embedder: Embedder, dataset: STLDataset, batch_size: int) -> tuple[float, int]:
-    """Images/s of the backbone alone on tensors decoded beforehand (the ceiling for the pipeline)."""
+def decoded_batches(embedder: Embedder, dataset: STLDataset, batch_size: int) -> list[np.ndarray]:
     preprocess = embedder.preprocess
-    tensors = [load_crop(dataset.scene_path(p.scene_id), p.bbox, preprocess) for p in dataset.pairs]
-    tensors += [load_crop(dataset.product_path(pid), None, preprocess) for pid in dataset.catalogue()]
-    batches = [torch.stack(tensors[i : i + batch_size]) for i in range(0, len(tensors), batch_size)]
+    arrays = [load_array(dataset.scene_path(p.scene_id), p.bbox, preprocess) for p in dataset.pairs]
+    arrays += [load_array(dataset.product_path(pid), None, preprocess) for pid in dataset.catalogue()]
+    return [np.stack(arrays[i : i + batch_size]) for i in range(0, len(arrays), batch_size)]
+
+
+def bare_forward(runtime: Runtime, batches: list[np.ndarray]) -> tuple[float, int]:
+    """Images/s of the runtime's backbone alone on arrays decoded beforehand (the ceiling for the pipeline)."""
     start = time.perf_counter()
     for batch in batches:
-        embedder.backbone_features(batch)
-    return len(tensors) / (time.perf_counter() - start), len(tensors)
+        runtime.backbone_features(batch)
+    images = sum(len(batch) for batch in batches)
+    return images / (time.perf_counter() - start), images
 
 
-def pipeline(embedder: Embedder, dataset: STLDataset, batch_size: int, workers: int) -> tuple[float, int]:
-    """Images/s of cache_features into a fresh cache (worker start-up and memmap writes included)."""
+def pipeline(embedder: Embedder, dataset: STLDataset, batch_size: int, workers: int, runtime: str,
+             export_dir: Path) -> tuple[float, int]:
+    """Images/s of cache_features into a fresh cache (worker start-up, the runtime's compile and the memmap
+    writes included; the one-off export is not: `export_dir` holds it)."""
     with tempfile.TemporaryDirectory(prefix="bench-features-cache-") as cache:
         start = time.perf_counter()
         cached = cache_features(dataset, embedder, Path(cache), batch_size=batch_size, workers=workers,
-                                progress=False)
+                                progress=False, runtime=runtime, export_dir=export_dir)  # type: ignore[arg-type]
         seconds = time.perf_counter() - start
     return cached.computed / seconds, cached.computed
 
@@ -99,6 +109,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved measurement rounds")
+    parser.add_argument("--runtimes", nargs="+", default=["torch", "openvino"],
+                        choices=["torch", "openvino", "onnxruntime"], help="runtimes to compare, same run")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser
 
@@ -114,29 +126,45 @@ def main(argv: list[str] | None = None) -> int:
                    else make_dataset(Path(scratch), args.images, width, height))
         embedder = Embedder(load_backbone(args.backbone), device=args.device, context=0.1,
                             channels_last=not args.no_channels_last, jpeg_draft=args.jpeg_draft)
-        warm = torch.stack([embedder.transform(Image.new("RGB", (64, 64)))] * args.batch_size)
-        embedder.backbone_features(warm)  # first call pays one-off oneDNN set-up; measure neither with it
-
-        # Interleaved (bare, pipeline per worker count) rounds, each ratio against its own round's bare
-        # number: on a shared machine the load drifts between measurements minutes apart.
-        bares: list[float] = []
-        rounds: dict[int, list[float]] = {workers: [] for workers in args.workers}
-        for _ in range(args.repeats):
-            # Bare forward measured before and after the pipelines (mean of both), so a load trend
-            # during the round does not favour whichever side runs first.
-            before, images = bare_forward(embedder, dataset, args.batch_size)
-            rates = {workers: pipeline(embedder, dataset, args.batch_size, workers)[0] for workers in args.workers}
-            after, _ = bare_forward(embedder, dataset, args.batch_size)
-            bare = (before + after) / 2
-            bares.append(bare)
-            for workers, rate in rates.items():
-                rounds[workers].append(rate)
-                print(f"workers={workers}: pipeline {rate:.1f} img/s, bare forward {bare:.1f} img/s "
-                      f"(before {before:.1f}, after {after:.1f}), ratio {rate / bare:.3f}")
-    ratios = {workers: float(np.median(np.asarray(rates) / np.asarray(bares))) for workers, rates in rounds.items()}
-    runs = {workers: float(np.median(rates)) for workers, rates in rounds.items()}
-    bare = float(np.median(bares))
-    best_workers = max(ratios, key=ratios.get)
+        batches = decoded_batches(embedder, dataset, args.batch_size)
+        started = time.perf_counter()
+        decoded_batches(embedder, dataset, args.batch_size)
+        decode_rate = sum(len(batch) for batch in batches) / (time.perf_counter() - started)
+        export_dir = Path(scratch) / "export"
+        export_embedder(embedder, export_dir)
+        per_runtime: dict[str, dict] = {}
+        for name in args.runtimes:
+            with batch_runtime(embedder, name, export_dir) as runtime:  # type: ignore[arg-type]
+                runtime.backbone_features(batches[0])  # first call pays one-off primitive set-up
+                # Interleaved (bare, pipeline per worker count) rounds, each ratio against its own round's
+                # bare number: on a shared machine the load drifts between measurements minutes apart.
+                bares: list[float] = []
+                rounds: dict[int, list[float]] = {workers: [] for workers in args.workers}
+                for _ in range(args.repeats):
+                    # Bare forward before and after the pipelines (mean of both), so a load trend during the
+                    # round does not favour whichever side runs first.
+                    before, images = bare_forward(runtime, batches)
+                    rates = {workers: pipeline(embedder, dataset, args.batch_size, workers, name, export_dir)[0]
+                             for workers in args.workers}
+                    after, _ = bare_forward(runtime, batches)
+                    bare = (before + after) / 2
+                    bares.append(bare)
+                    for workers, rate in rates.items():
+                        rounds[workers].append(rate)
+                        print(f"{name} workers={workers}: pipeline {rate:.1f} img/s, bare forward {bare:.1f} img/s "
+                              f"(before {before:.1f}, after {after:.1f}), ratio {rate / bare:.3f}", flush=True)
+            ratios = {workers: float(np.median(np.asarray(rates) / np.asarray(bares)))
+                      for workers, rates in rounds.items()}
+            runs = {workers: float(np.median(rates)) for workers, rates in rounds.items()}
+            best_workers = max(ratios, key=ratios.get)
+            per_runtime[name] = {
+                "bare_forward_images_per_s": round(float(np.median(bares)), 2),  # medians over the rounds
+                "pipeline_images_per_s": {str(workers): round(rate, 2) for workers, rate in runs.items()},
+                "ratio_by_workers": {str(workers): round(ratio, 3) for workers, ratio in ratios.items()},
+                "best_workers": best_workers,
+                "pipeline_best_images_per_s": round(runs[best_workers], 2),
+                "ratio": round(ratios[best_workers], 3),  # median of per-round pipeline / bare
+            }
     result = {
         "backbone": args.backbone,
         "images": images,
@@ -150,13 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(),
                     "platform": platform.platform(), "torch": torch.__version__},
         "repeats": args.repeats,
-        "bare_forward_images_per_s": round(bare, 2),  # medians over the rounds
-        "pipeline_images_per_s": {str(workers): round(rate, 2) for workers, rate in runs.items()},
-        "ratio_by_workers": {str(workers): round(ratio, 3) for workers, ratio in ratios.items()},
-        "best_workers": best_workers,
-        "pipeline_best_images_per_s": round(runs[best_workers], 2),
-        "ratio": round(ratios[best_workers], 3),  # median of per-round pipeline / bare
+        "decode_one_core_images_per_s": round(decode_rate, 2),
+        "runtimes": per_runtime,
+        "target_ratio": 0.8,
     }
+    if "torch" in per_runtime and "openvino" in per_runtime:
+        result["openvino_vs_torch_pipeline"] = round(per_runtime["openvino"]["pipeline_best_images_per_s"]
+                                                     / per_runtime["torch"]["pipeline_best_images_per_s"], 3)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

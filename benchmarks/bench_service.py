@@ -11,6 +11,16 @@ c=32 loads, and the network forward alone on ready tensors is reported beside it
 and writes them to benchmarks/results/service.json. `--backbone resnet50` serves the paper's backbone
 instead, with random weights (none can be downloaded; the timing does not depend on them), and writes
 service_resnet50.json.
+
+    .venv/bin/python benchmarks/bench_service.py --overload [--overload-seconds 30] [--soak-minutes 2]
+
+`--overload` measures admission control instead (service/admission.py): the closed-loop capacity at
+c=32, then open-loop arrivals at `--overload-factor` (2) times that capacity for `--overload-seconds`,
+each client giving up after `--client-timeout` (2 s, also sent as X-Request-Timeout-Ms). Targets:
+goodput (200s within the timeout) >= 0.8x capacity, refusals (503/429) answered within 50 ms at p99,
+p99 of the 200s <= STL_QUEUE_BUDGET_MS plus one batch, the first request after the storm <= 100 ms and
+RSS after the storm <= 1.1x before. `--soak-minutes N` then runs N minutes at c=32 (0 errors, RSS growth
+<= 5 %). Writes benchmarks/results/service_overload.json.
 """
 
 from __future__ import annotations
@@ -251,10 +261,13 @@ def request_bodies(url: str, images: list[bytes], count: int = 40) -> list[tuple
     return bodies
 
 
-async def load(url: str, bodies: list[tuple[str, bytes]], concurrency: int, requests: int, seconds: float) -> dict:
-    """`concurrency` clients sending back-to-back requests until `requests` are done or `seconds` pass."""
+async def load(url: str, bodies: list[tuple[str, bytes]], concurrency: int, requests: int, seconds: float,
+               refused_backoff_s: float | None = None) -> dict:
+    """`concurrency` clients sending back-to-back requests until `requests` are done or `seconds` pass.
+    With `refused_backoff_s`, a 503 (admission control) is no error: that client waits so long and goes on."""
     latencies: list[float] = []
     errors: list[str] = []
+    refused = 0
     counter = iter(range(requests))
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -276,6 +289,11 @@ async def load(url: str, bodies: list[tuple[str, bytes]], concurrency: int, requ
                     errors.append(repr(exc))
                     continue
                 elapsed = time.perf_counter() - started
+                if response.status_code == 503 and refused_backoff_s is not None:
+                    nonlocal refused
+                    refused += 1
+                    await asyncio.sleep(refused_backoff_s)
+                    continue
                 answer = response.json() if response.status_code == 200 else {}
                 if response.status_code != 200 or answer.get("source") != "embedding" or len(answer["items"]) != 10:
                     errors.append(f"{response.status_code}: {response.text[:200]}")
@@ -285,7 +303,7 @@ async def load(url: str, bodies: list[tuple[str, bytes]], concurrency: int, requ
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    return {"latencies": latencies, "errors": errors, "wall": wall}
+    return {"latencies": latencies, "errors": errors, "wall": wall, "refused": refused}
 
 
 def run_load(coroutine: Coroutine[Any, Any, dict]) -> dict:
@@ -333,6 +351,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", choices=("efficientnet_lite0", "resnet50"), default="efficientnet_lite0",
                         help="resnet50 (the paper's backbone) runs with random weights: timing only")
     parser.add_argument("--out", type=Path, default=None, help=f"default {RESULTS} (service_resnet50.json)")
+    overload = parser.add_argument_group("overload and soak (admission control)")
+    overload.add_argument("--overload", action="store_true", help="measure overload behaviour instead")
+    overload.add_argument("--capacity-seconds", type=float, default=15.0, help="closed-loop c=32 capacity run")
+    overload.add_argument("--overload-seconds", type=float, default=30.0, help="length of the open-loop storm")
+    overload.add_argument("--overload-factor", type=float, default=2.0, help="arrival rate / measured capacity")
+    overload.add_argument("--client-timeout", type=float, default=2.0, help="seconds a storm client waits")
+    overload.add_argument("--soak-minutes", type=float, default=0.0, help="then N minutes at c=32 (0: none)")
     return parser
 
 
@@ -405,10 +430,217 @@ def measure(url: str, bare: Bare, best: int, args: argparse.Namespace) -> tuple[
     return levels, rounds[1], rounds[32]
 
 
+OVERLOAD_RESULTS = RESULTS.with_name("service_overload.json")
+
+
+def percentile_ms(seconds: list[float], q: float) -> float | None:
+    return float(np.percentile(np.asarray(seconds) * 1000, q)) if seconds else None
+
+
+def scalar_metrics(url: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Sums of the named samples (over their labels), with `name{label=value}` entries beside them."""
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name in names:
+                found[sample.name] = found.get(sample.name, 0.0) + sample.value
+                if sample.labels:
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                    found[f"{sample.name}{{{labels}}}"] = sample.value
+    return found
+
+
+async def open_loop(url: str, bodies: list[tuple[str, bytes]], rate: float, seconds: float,
+                    timeout_s: float) -> dict:
+    """Arrivals at a fixed `rate` for `seconds`, whatever the answers do (open loop); each client gives up
+    after `timeout_s`, as impatient shoppers do, and tells the server so in X-Request-Timeout-Ms."""
+    outcomes: list[tuple[str, float]] = []  # (status or error kind, seconds)
+    lags: list[float] = []  # how late the generator sent each request: its own limit, reported beside
+    limits = httpx.Limits(max_connections=2048, max_keepalive_connections=512)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s + 1.0, limits=limits) as client:
+        prepared = [client.build_request("POST", "/recommend", content=body, headers={
+            "content-type": content_type, "x-request-timeout-ms": str(int(timeout_s * 1000))})
+            for content_type, body in bodies]
+
+        async def one(request: httpx.Request) -> None:
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    response = await client.send(request)
+                    await response.aread()
+                kind = str(response.status_code)
+            except TimeoutError:
+                kind = "client_timeout"
+            except httpx.HTTPError as exc:
+                kind = type(exc).__name__
+            outcomes.append((kind, time.perf_counter() - started))
+
+        tasks = []
+        begun = time.perf_counter()
+        for n in range(int(rate * seconds)):
+            scheduled = begun + n / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            lags.append(time.perf_counter() - scheduled)
+            tasks.append(asyncio.create_task(one(prepared[n % len(prepared)])))
+        sent_for = time.perf_counter() - begun
+        await asyncio.gather(*tasks)
+        ended = time.perf_counter()
+    return {"outcomes": outcomes, "lags": lags, "sent_for_s": sent_for, "ended": ended}
+
+
+async def one_request(url: str, body: tuple[str, bytes]) -> tuple[int, float]:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        started = time.perf_counter()
+        response = await client.post("/recommend", content=body[1], headers={"content-type": body[0]})
+        return response.status_code, time.perf_counter() - started
+
+
+def overload(url: str, server: subprocess.Popen, images: list[bytes], args: argparse.Namespace) -> dict:
+    """Capacity (closed loop), then the storm (open loop), then the first request and memory after it."""
+    bodies = request_bodies(url, images)
+    run_load(load(url, bodies, 4, 40, 30))  # warm-up: first requests pay lazy initialisation
+    # On a machine slow enough that 32 queued scenes exceed the budget, c=32 is itself past capacity: clients
+    # refused then pause for about a batch, so the server stays saturated and its rate of 200s is the capacity.
+    closed = run_load(load(url, bodies, 32, 10**9, args.capacity_seconds, refused_backoff_s=0.02))
+    capacity = len(closed["latencies"]) / closed["wall"]
+    settle(1.0)
+    before = memory_kib(server.pid)["VmRSS"]
+    budget_s = scalar_metrics(url, ("stl_queue_budget_seconds",))["stl_queue_budget_seconds"]
+    rate = args.overload_factor * capacity
+    print(f"capacity (closed loop, c=32, {args.capacity_seconds:.0f} s): {capacity:.1f} req/s, "
+          f"{len(closed['errors'])} errors, {closed['refused']} refused; storm: {rate:.0f} req/s for "
+          f"{args.overload_seconds:.0f} s, clients give up after {args.client_timeout:.1f} s")
+    storm = run_load(open_loop(url, bodies, rate, args.overload_seconds, args.client_timeout))
+    first_status, first_s = run_load(one_request(url, bodies[0]))
+    first_gap_s = time.perf_counter() - storm["ended"]
+    settle(1.0)
+    after = memory_kib(server.pid)["VmRSS"]
+    counters = scalar_metrics(url, ("stl_shed_total", "stl_jobs_dropped_total", "stl_requests_abandoned_total",
+                                    "stl_seconds_per_crop"))
+
+    by_kind: dict[str, list[float]] = {}
+    for kind, seconds in storm["outcomes"]:
+        by_kind.setdefault(kind, []).append(seconds)
+    ok = [s for s in by_kind.get("200", []) if s <= args.client_timeout]
+    refused = by_kind.get("503", []) + by_kind.get("429", [])
+    goodput = len(ok) / args.overload_seconds
+    # One batch: a full batch on one of the workers, which share the cores (capacity is all of them together).
+    one_batch_s = args.batch_max_size * args.threads / capacity
+    result = {
+        "capacity_rps": capacity,
+        "capacity_errors": len(closed["errors"]),
+        "capacity_refused": closed["refused"],
+        "capacity_p99_ms": percentile_ms(closed["latencies"], 99),
+        "arrival_rps": rate,
+        "storm_s": args.overload_seconds,
+        "generator_sent_for_s": storm["sent_for_s"],
+        "generator_lag_p99_ms": percentile_ms(storm["lags"], 99),
+        "client_timeout_s": args.client_timeout,
+        "outcomes": {kind: len(values) for kind, values in sorted(by_kind.items())},
+        "goodput_rps": goodput,
+        "goodput_over_capacity": goodput / capacity,
+        "ok_p50_ms": percentile_ms(ok, 50),
+        "ok_p99_ms": percentile_ms(ok, 99),
+        "refused_p50_ms": percentile_ms(refused, 50),
+        "refused_p99_ms": percentile_ms(refused, 99),
+        "queue_budget_ms": budget_s * 1000,
+        "one_batch_ms": one_batch_s * 1000,
+        "first_after_storm": {"status": first_status, "ms": first_s * 1000,
+                              "sent_s_after_last_storm_answer": first_gap_s},
+        "rss_mib": {"before": before / 1024, "after": after / 1024, "ratio": after / before},
+        "server_counters": counters,
+    }
+    result["targets"] = {
+        "goodput_over_capacity_min": 0.8,
+        "refused_p99_ms_max": 50.0,
+        "ok_p99_ms_max": (budget_s + one_batch_s) * 1000,
+        "first_after_storm_ms_max": 100.0,
+        "rss_ratio_max": 1.1,
+    }
+    result["met"] = {
+        "goodput": result["goodput_over_capacity"] >= 0.8,
+        "refused_p99": result["refused_p99_ms"] is None or result["refused_p99_ms"] <= 50.0,
+        "ok_p99": result["ok_p99_ms"] is not None and result["ok_p99_ms"] <= (budget_s + one_batch_s) * 1000,
+        "first_after_storm": first_status == 200 and first_s <= 0.1,
+        "rss": after / before <= 1.1,
+    }
+    print(f"storm outcomes {result['outcomes']}; goodput {goodput:.1f} req/s = {goodput / capacity:.2f}x capacity "
+          f"(target >= 0.8); 200s p50 {result['ok_p50_ms'] or 0:.0f} / p99 {result['ok_p99_ms'] or 0:.0f} ms "
+          f"(target <= {result['targets']['ok_p99_ms_max']:.0f}); refusals p50 {result['refused_p50_ms'] or 0:.1f} "
+          f"/ p99 {result['refused_p99_ms'] or 0:.1f} ms (target <= 50)")
+    print(f"first request after the storm: {first_status} in {first_s * 1000:.1f} ms (target <= 100); "
+          f"RSS {before / 1024:.0f} -> {after / 1024:.0f} MiB = {after / before:.3f}x (target <= 1.1); "
+          f"generator lag p99 {result['generator_lag_p99_ms']:.1f} ms; server {counters}")
+    return result
+
+
+def soak(url: str, server: subprocess.Popen, images: list[bytes], minutes: float) -> dict:
+    """`minutes` at c=32, closed loop: errors and resident memory growth over the run."""
+    bodies = request_bodies(url, images)
+    run_load(load(url, bodies, 32, 200, 60))  # warm: the memory the service keeps under load is reached
+    settle(1.0)
+    before = memory_kib(server.pid)["VmRSS"]
+    # A 503 is admission control doing its job (c=32 past capacity on a slow or shared machine), not a failure:
+    # counted apart, the client pausing about a batch; errors are everything else.
+    run = run_load(load(url, bodies, 32, 10**9, minutes * 60, refused_backoff_s=0.02))
+    settle(1.0)
+    after = memory_kib(server.pid)["VmRSS"]
+    result = summarise(32, [run])
+    result.update(minutes=minutes, refused=run["refused"], rss_mib={"before": before / 1024, "after": after / 1024},
+                  rss_growth=after / before - 1.0)
+    result["met"] = result["errors"] == 0 and result["rss_growth"] <= 0.05
+    print(f"soak {minutes:g} min at c=32: {result['requests']} requests, {result['errors']} errors, "
+          f"{run['refused']} refused (503), "
+          f"{result['throughput_rps']:.1f} req/s, p99 {result['p99_ms'] or 0:.0f} ms; RSS {before / 1024:.0f} -> "
+          f"{after / 1024:.0f} MiB ({result['rss_growth'] * 100:+.1f} %, target <= 5 %)")
+    return result
+
+
+def main_overload(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory() as temp:
+        work = args.work or Path(temp)
+        work.mkdir(parents=True, exist_ok=True)
+        args.backbone_weights = random_resnet50(work / "resnet50-random.pth") if args.backbone == "resnet50" else None
+        checkpoint = make_checkpoint(work / "head.pt", backbone_name=args.backbone, weights=args.backbone_weights)
+        embedder = load_embedder(checkpoint, "cpu", args.backbone_weights)
+        root = work / "artifacts"
+        make_artifact(root, checkpoint, embedder)
+        del embedder  # this process only sends requests from here on
+        images = scene_images(8)
+        server, url = start_server(root, args)
+        results: dict[str, Any] = {
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads},
+            "setup": {"backbone": args.backbone, "products": sum(STL_CATEGORY_MIX.values()),
+                      "batch_max_size": args.batch_max_size, "note": "load generator shares the server's cores"},
+        }
+        try:
+            if args.overload:
+                results["overload"] = overload(url, server, images, args)
+            if args.soak_minutes > 0:
+                results["soak"] = soak(url, server, images, args.soak_minutes)
+            results["machine"]["load_average_at_end"] = os.getloadavg()
+        finally:
+            server.terminate()
+            try:
+                results["exit_code_after_sigterm"] = server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    print(f"server exit code after SIGTERM: {results.get('exit_code_after_sigterm')}")
+    out = args.out or OVERLOAD_RESULTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
+    if args.overload or args.soak_minutes > 0:
+        return main_overload(args)
     # The bare embedder gets the allocator settings `python -m service` gives the server, so both sides
     # run their forward passes without page faults (without them the bare side faults from batch 8 up).
     retain_freed_memory()

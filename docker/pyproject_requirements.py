@@ -17,7 +17,8 @@ def requirements(pyproject: str, extras: list[str]) -> list[str]:
     unknown = [extra for extra in extras if extra not in optional]
     if unknown:
         raise SystemExit(f"unknown extra(s) {unknown}; pyproject.toml defines {sorted(optional)}")
-    return list(project.get("dependencies", [])) + [dep for extra in extras for dep in optional[extra]]
+    wanted = list(project.get("dependencies", [])) + [dep for extra in extras for dep in optional[extra]]
+    return list(dict.fromkeys(wanted))  # extras may share a requirement (serve and train: the runtimes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,8 @@ Layout of an artifact root:
     versions/<version>/<slug>.vectors.npy  the rows themselves, so add/remove never re-embed
     versions/<version>/products.json   product id, category, image reference
     versions/<version>/popularity.json popularity of the training pairs
+    versions/<version>/export/         the head and backbone as ONNX graphs + their manifest.json, for a
+                                       server without torch (optional: manifest `export`, its sha256s)
     current -> versions/<version>      switched atomically by `index.publish`
 """
 
@@ -137,6 +139,27 @@ class Artifact:
         categories = {name: entry.count for name, entry in manifest.categories.items()}
         return cls(version=manifest.version, path=path, manifest=manifest, categories=categories)
 
+    @property
+    def export_dir(self) -> Path | None:
+        """The exported model's folder (`training.model.runtimes.load_runtime(name, export_dir)`), or None
+        for versions without one."""
+        export = self.manifest.export
+        return None if export is None else self.path / export.folder
+
+    def check_export(self) -> list[str]:
+        """Problems comparing the export folder's files with the sha256s the manifest recorded."""
+        export = self.manifest.export
+        if export is None:
+            return []
+        problems = []
+        for name, expected in sorted(export.files.items()):
+            file = self.path / export.folder / name
+            if not file.is_file():
+                problems.append(f"{export.folder}/{name}: missing")
+            elif file_sha256(file) != expected:
+                problems.append(f"{export.folder}/{name}: sha256 differs from the manifest (corrupt or modified)")
+        return problems
+
     def fingerprint(self) -> dict:
         """The fingerprint of the embedder this version was built with, as `Embedder.fingerprint()` gives it."""
         return self.manifest.embedder.to_dict()
@@ -170,8 +193,9 @@ class Artifact:
         return problems
 
     def check_files(self) -> list[str]:
-        """The one file check: every recorded file matches its sha256, every category's files are recorded."""
-        problems = self.verify_files()
+        """The one file check: every recorded file (the export's too) matches its sha256, every category's
+        files are recorded."""
+        problems = self.verify_files() + self.check_export()
         for entry in self.manifest.categories.values():
             problems += [f"{name}: not in the manifest's file list" for name in entry.files
                          if name not in self.manifest.files]

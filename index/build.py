@@ -6,10 +6,12 @@ import argparse
 import hashlib
 import logging
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import faiss
@@ -22,8 +24,8 @@ from index.embed import embed_product_files
 from index.errors import ArtifactError, Refused
 from index.examples import DEFAULT_EXAMPLES, choose_examples, write_examples
 from index.manifest import Provenance, SplitRecord
-from index.publish import DEFAULT_KEEP, build_lock, clean_stale, publish, staging_dir
-from index.writer import CategoryData, new_version, write_version
+from index.publish import DEFAULT_KEEP, STAGING_PREFIX, build_lock, clean_stale, publish, staging_dir
+from index.writer import CategoryData, new_version, stage_export, write_version
 from training.cli import report
 from training.cli.args import add_cache_arg, add_data_arg, add_device_arg, add_progress_arg, add_workers_arg
 from training.data.popularity import Popularity
@@ -33,8 +35,11 @@ from training.data.stl import CategoryMap, STLDataset
 from training.errors import TrainingError
 from training.fit.features import cache_features
 from training.io import file_sha256
+from training.model.batch_runtime import RUNTIME_CHOICES, batch_runtime
 from training.model.checkpoint import load_checkpoint, load_embedder
 from training.model.embedder import Embedder
+from training.model.export import MIN_COSINE, can_export, check_export_runtimes, export_embedder
+from training.model.runtimes import Runtime, RuntimeName, RuntimeUnavailable
 
 LOG = logging.getLogger(__name__)
 
@@ -58,13 +63,36 @@ def split_seed_of(checkpoint: Path) -> int:
     return load_checkpoint(checkpoint).train_config.split_seed
 
 
+def export_checked(embedder: Embedder, folder: Path) -> dict[str, float] | None:
+    """Export the embedder into `folder` and check it against torch on every installed runtime: runtime ->
+    smallest cosine. None (with a warning) when it cannot be made or checked here; ExportMismatch when a
+    runtime's vectors are not torch's (the build then publishes nothing)."""
+    if not can_export():
+        LOG.warning("onnx is not installed: this version gets no exported model (a server will need torch)")
+        return None
+    export_embedder(embedder, folder)
+    try:
+        checked = check_export_runtimes(embedder, folder)
+    except RuntimeUnavailable as exc:
+        LOG.warning("the export cannot be checked here (%s): this version gets no exported model", exc)
+        return None
+    LOG.info("exported model checked against torch: %s", checked)
+    return checked
+
+
 def embed_catalogue(dataset: STLDataset, catalogue: list[str], embedder: Embedder, cache: Path | None,
-                    batch_size: int, workers: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Index vectors of the catalogue and a mask of the products that could be embedded."""
+                    batch_size: int, workers: int, progress: bool, runtime: Runtime | None = None,
+                    runtime_name: RuntimeName = "auto",
+                    export_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Index vectors of the catalogue and a mask of the products that could be embedded.
+
+    `runtime` runs the network over the files; with a feature cache its missing features are extracted in
+    `runtime_name` over `export_dir` (`cache_features`)."""
     if cache is not None:
         # Backbone features already extracted for training are reused; only missing ones are computed.
         features = cache_features(dataset, embedder, cache, pairs=[], products=catalogue,
-                                  batch_size=batch_size, workers=workers, progress=progress)
+                                  batch_size=batch_size, workers=workers, progress=progress,
+                                  runtime=runtime_name, export_dir=export_dir)
         readable = np.array([features.has_product(pid) for pid in catalogue], dtype=bool)
         vectors = np.zeros((len(catalogue), embedder.dim), dtype=np.float32)
         if readable.any():
@@ -72,7 +100,8 @@ def embed_catalogue(dataset: STLDataset, catalogue: list[str], embedder: Embedde
             vectors[readable] = embedder.project(features.product_features(cached), "product")
         return vectors, readable
     paths = [dataset.product_path(pid) for pid in catalogue]
-    return embed_product_files(embedder, paths, batch_size=batch_size, workers=workers, progress=progress)
+    return embed_product_files(embedder, paths, batch_size=batch_size, workers=workers, progress=progress,
+                               runtime=runtime)
 
 
 def build(
@@ -92,6 +121,8 @@ def build(
     products_file: Path | None = None,
     duplicate_threshold: float = DEFAULT_DUPLICATE_THRESHOLD,
     examples: int = DEFAULT_EXAMPLES,
+    runtime: RuntimeName = "auto",
+    export: bool = True,
 ) -> str:
     """Build and publish a new version from a dataset directory and a head checkpoint; returns the version.
 
@@ -101,6 +132,10 @@ def build(
     <= 0 keeps only the image rule) share a catalogue group (`index.dedup`). The default was measured on a
     trained head; an untrained (random) head maps every product of a category above it, so tests with one
     pass 0.
+
+    With `export`, the backbone and head are exported into the version (`export/`, for a server without torch),
+    checked against torch first (ExportMismatch: nothing is published). `runtime` runs the catalogue's
+    embedding (`training.model.batch_runtime`: `auto` is OpenVINO over that export on a CPU, torch on a GPU).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -118,60 +153,72 @@ def build(
         if not catalogue:
             raise Refused(f"{data} has no product with both a category and an image; nothing to index")
         embedder = load_embedder(checkpoint, device)
-        LOG.info("embedding %d products on %s (faiss GPUs: %d)", len(catalogue), embedder.device,
-                 faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0)
-        embed_started = time.perf_counter()
-        vectors, readable = embed_catalogue(dataset, catalogue, embedder, cache, batch_size, workers, progress)
-        embed_seconds = time.perf_counter() - embed_started
-        skipped = [pid for pid, ok in zip(catalogue, readable, strict=True) if not ok]
-        indexed = {pid: row for row, pid in enumerate(catalogue) if readable[row]}
-        if not indexed:
-            raise Refused("no product image could be read; nothing to index")
+        # Beside the versions, so the export's files are hard-linked into the version, not copied; a killed
+        # build's leftover goes with the next build's clean_stale.
+        with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}export-", dir=out) as scratch:
+            export_dir = Path(scratch)
+            checked = export_checked(embedder, export_dir) if export else None
+            made = export_dir if checked is not None else None
+            LOG.info("embedding %d products on %s (faiss GPUs: %d)", len(catalogue), embedder.device,
+                     faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0)
+            with batch_runtime(embedder, runtime, made) as engine:
+                embed_started = time.perf_counter()  # the runtime's one-off compile is not throughput
+                vectors, readable = embed_catalogue(dataset, catalogue, embedder, cache, batch_size, workers,
+                                                    progress, engine, runtime, made)
+                embed_runtime = engine.name
+            embed_seconds = time.perf_counter() - embed_started
+            skipped = [pid for pid, ok in zip(catalogue, readable, strict=True) if not ok]
+            indexed = {pid: row for row, pid in enumerate(catalogue) if readable[row]}
+            if not indexed:
+                raise Refused("no product image could be read; nothing to index")
 
-        rows_by_category: dict[str, list[int]] = defaultdict(list)
-        for pid, row in indexed.items():
-            rows_by_category[dataset.categories.of(pid)].append(row)
-        categories = [
-            CategoryData(category, [catalogue[row] for row in rows], vectors[rows])
-            for category, rows in sorted(rows_by_category.items())
-        ]
-        products = [
-            {"id": pid, "category": data_.category, "image": _image_reference(dataset, pid)}
-            for data_ in categories for pid in data_.ids
-        ]
+            rows_by_category: dict[str, list[int]] = defaultdict(list)
+            for pid, row in indexed.items():
+                rows_by_category[dataset.categories.of(pid)].append(row)
+            categories = [
+                CategoryData(category, [catalogue[row] for row in rows], vectors[rows])
+                for category, rows in sorted(rows_by_category.items())
+            ]
+            products = [
+                {"id": pid, "category": data_.category, "image": _image_reference(dataset, pid)}
+                for data_ in categories for pid in data_.ids
+            ]
 
-        # Popularity from TRAINING pairs only (same split as training), ranked over the indexed products.
-        split_seed = split_seed_of(checkpoint) if split_seed is None else split_seed
-        split = split_by_scene(dataset.pairs, SPLIT_FRACTIONS, split_seed)
-        train_pairs = split.train
-        indexed_map = CategoryMap({pid: dataset.categories.of(pid) for pid in indexed})
-        popularity = Popularity.from_pairs((p for p in train_pairs if p.product_id in indexed), indexed_map)
+            # Popularity from TRAINING pairs only (same split as training), ranked over the indexed products.
+            split_seed = split_seed_of(checkpoint) if split_seed is None else split_seed
+            split = split_by_scene(dataset.pairs, SPLIT_FRACTIONS, split_seed)
+            train_pairs = split.train
+            indexed_map = CategoryMap({pid: dataset.categories.of(pid) for pid in indexed})
+            popularity = Popularity.from_pairs((p for p in train_pairs if p.product_id in indexed), indexed_map)
 
-        fingerprint = embedder.fingerprint()
-        catalogue_sha256 = catalogue_fingerprint(dataset, catalogue)
-        version = new_version(f"{catalogue_sha256}|{fingerprint['head_sha256']}")
-        provenance = Provenance(
-            operation="build",
-            parent_version=None,
-            data_root=str(Path(data).resolve()),
-            catalogue_fingerprint=catalogue_sha256,
-            checkpoint_source=str(Path(checkpoint).resolve()),
-            checkpoint_source_sha256=file_sha256(checkpoint),
-            split=SplitRecord(SPLIT_FRACTIONS, split_seed, len(train_pairs)),
-            skipped_products=skipped,
-            device=str(embedder.device),
-            embed_seconds=round(embed_seconds, 3),
-            embed_products_per_second=round(len(catalogue) / max(embed_seconds, 1e-9), 2),
-        )
-        # Test-split scenes (never trained on) for the page's "try an example".
-        chosen = choose_examples(split.test, {pid: dataset.categories.of(pid) for pid in indexed}, examples, seed)
-        rows = catalogue_rows(dataset, categories, product_data, popularity, workers, duplicate_threshold)
-        staging = staging_dir(out, version)
-        write_version(staging, version, categories, fingerprint, Path(checkpoint), popularity, products, provenance,
-                      exact_threshold, approximate, seed, progress, started=started, catalogue=rows,
-                      examples=lambda folder: write_examples(folder, dataset, chosen))
-        publish(out, staging, keep)
-        return version
+            fingerprint = embedder.fingerprint()
+            catalogue_sha256 = catalogue_fingerprint(dataset, catalogue)
+            version = new_version(f"{catalogue_sha256}|{fingerprint['head_sha256']}")
+            provenance = Provenance(
+                operation="build",
+                parent_version=None,
+                data_root=str(Path(data).resolve()),
+                catalogue_fingerprint=catalogue_sha256,
+                checkpoint_source=str(Path(checkpoint).resolve()),
+                checkpoint_source_sha256=file_sha256(checkpoint),
+                split=SplitRecord(SPLIT_FRACTIONS, split_seed, len(train_pairs)),
+                skipped_products=skipped,
+                device=str(embedder.device),
+                embed_seconds=round(embed_seconds, 3),
+                embed_products_per_second=round(len(catalogue) / max(embed_seconds, 1e-9), 2),
+                embed_runtime=embed_runtime,
+            )
+            # Test-split scenes (never trained on) for the page's "try an example".
+            chosen = choose_examples(split.test, {pid: dataset.categories.of(pid) for pid in indexed}, examples, seed)
+            rows = catalogue_rows(dataset, categories, product_data, popularity, workers, duplicate_threshold)
+            staging = staging_dir(out, version)
+            write_version(staging, version, categories, fingerprint, Path(checkpoint), popularity, products, provenance,
+                          exact_threshold, approximate, seed, progress, started=started, catalogue=rows,
+                          examples=lambda folder: write_examples(folder, dataset, chosen),
+                          export=None if made is None else partial(stage_export, source=made, checked=checked,
+                                                                   min_cosine=MIN_COSINE))
+            publish(out, staging, keep)
+            return version
 
 
 def catalogue_rows(dataset: STLDataset, categories: Sequence[CategoryData], product_data: Mapping[str, Product],
@@ -227,6 +274,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="products of a category whose vectors' inner product reaches this are one dedup group "
                              "(as are identical image files); 0 or negative: image files only "
                              f"(default {DEFAULT_DUPLICATE_THRESHOLD})")
+    parser.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto",
+                        help="what runs the backbone over the catalogue: auto = OpenVINO over the export on a CPU, "
+                             "torch on a GPU")
+    parser.add_argument("--no-export", dest="export", action="store_false",
+                        help="publish no exported model (ONNX) beside the indexes; a server then needs torch")
     add_progress_arg(parser)
     return parser
 
@@ -243,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         version = build(args.data, args.checkpoint, args.out, args.device, args.cache, args.exact_threshold,
                         args.approximate, args.keep, args.batch_size, args.workers, args.split_seed, args.seed,
                         progress=not args.no_progress, products_file=args.products,
-                        duplicate_threshold=args.duplicate_threshold)
+                        duplicate_threshold=args.duplicate_threshold, runtime=args.runtime, export=args.export)
     except (TrainingError, ArtifactError) as exc:
         return report(exc)
     print(f"published {version} under {args.out}")

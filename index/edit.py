@@ -11,6 +11,7 @@ import logging
 import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import faiss
@@ -20,9 +21,9 @@ from index.ann import choose_spec
 from index.artifact import Artifact, open_artifact
 from index.catalogue import Catalogue, CatalogueError, CatalogueRow, make_thumbnail
 from index.examples import carry_examples
-from index.manifest import Change
+from index.manifest import Change, ExportRecord
 from index.publish import clean_stale, publish, staging_dir
-from index.writer import CategoryData, new_version, write_version
+from index.writer import CategoryData, new_version, stage_export, write_version
 from training.data.popularity import Popularity
 from training.data.products import Product
 from training.data.stl import CategoryMap
@@ -104,6 +105,12 @@ def carried_rows(artifact: Artifact, placed: Mapping[str, tuple[str, int]],
         yield replace(row, product=products.get(row.product.id, row.product), category=where[0], row=where[1])
 
 
+def carry_export(artifact: Artifact, export: ExportRecord, staging: Path) -> ExportRecord:
+    """The parent's exported model, linked into the derived version: the same head and backbone embed it."""
+    return stage_export(staging, artifact.path / export.folder, export.checked, export.min_cosine,
+                        expected=export.files)
+
+
 def derive(root: Path, artifact: Artifact, categories: list[CategoryData], products: list[dict], change: Change,
            fingerprint: dict, keep: int, started: float,
            catalogue: Iterable[CatalogueRow] | None = None) -> str:
@@ -120,7 +127,8 @@ def derive(root: Path, artifact: Artifact, categories: list[CategoryData], produ
     try:
         write_version(staging, version, categories, fingerprint, artifact.checkpoint_path, popularity, products,
                       provenance, parent.exact_threshold, parent.approximate, progress=False, started=started,
-                      catalogue=catalogue, examples=lambda folder: carry_examples(artifact.path, folder))
+                      catalogue=catalogue, examples=lambda folder: carry_examples(artifact.path, folder),
+                      export=None if parent.export is None else partial(carry_export, artifact, parent.export))
         publish(root, staging, keep)
     except BaseException:
         # `current` still names the parent; a failed edit leaves no half-written staging dir behind (a killed

@@ -1,4 +1,4 @@
-"""Product images -> index vectors through the shared embedder, decoding in DataLoader workers."""
+"""Product images -> index vectors through the shared embedder (or its export), decoding in DataLoader workers."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from tqdm import tqdm
 
 from training.model.embedder import Embedder
 from training.model.preprocess import Preprocess, load_crop
+from training.model.runtimes import Runtime
+from training.model.runtimes.torch_runtime import TorchRuntime
 
 LOG = logging.getLogger(__name__)
 
@@ -41,8 +43,12 @@ class ProductImages(Dataset):
 
 
 def embed_product_files(embedder: Embedder, paths: Sequence[Path], batch_size: int = 64, workers: int = 2,
-                        progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Index vectors [n, dim] of product image files and a bool mask of the ones that could be read."""
+                        progress: bool = True, runtime: Runtime | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Index vectors [n, dim] of product image files and a bool mask of the ones that could be read.
+
+    `runtime` runs the network (`training.model.batch_runtime`: OpenVINO over the build's export on a CPU);
+    None runs the embedder itself in torch."""
+    runtime = runtime if runtime is not None else TorchRuntime(embedder)
     images = ProductImages(paths, embedder.preprocess)
     loader = DataLoader(
         images,
@@ -60,7 +66,7 @@ def embed_product_files(embedder: Embedder, paths: Sequence[Path], batch_size: i
     with tqdm(total=len(images), desc="embed products", unit="img", disable=not progress) as bar:
         for batch, ok in loader:
             end = start + len(batch)
-            vectors[start:end] = embedder.embed_batch(batch, "product")
+            vectors[start:end] = runtime.vectors(batch.numpy(), "product")
             readable[start:end] = ok.numpy()
             start = end
             bar.update(len(batch))

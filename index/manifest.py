@@ -210,6 +210,7 @@ class Provenance:
     device: str | None = None
     embed_seconds: float | None = None
     embed_products_per_second: float | None = None
+    embed_runtime: str | None = None  # what ran the backbone over the catalogue: openvino, onnxruntime, torch
     change: Change | None = None
 
     def derive(self, parent_version: str, change: Change) -> Provenance:
@@ -236,6 +237,7 @@ class Provenance:
             "device": self.device,
             "embed_seconds": self.embed_seconds,
             "embed_products_per_second": self.embed_products_per_second,
+            "embed_runtime": self.embed_runtime,
             "change": None if self.change is None else self.change.to_dict(),
         }
         return {"operation": self.operation, "parent_version": self.parent_version,
@@ -255,8 +257,39 @@ class Provenance:
             device=manifest.text("device", optional=True),
             embed_seconds=manifest.number("embed_seconds", optional=True),
             embed_products_per_second=manifest.number("embed_products_per_second", optional=True),
+            embed_runtime=manifest.text("embed_runtime", optional=True),
             change=None if manifest.raw.get("change") is None else Change.from_dict(manifest.nested("change")),
         )
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """The exported model a version carries in its `folder` (ONNX graphs + the export's own manifest.json,
+    `training.model.export`): what a torch-free server runs. Each file's sha256 is recorded here, so the
+    version's manifest covers the subfolder too; `checked` is the smallest cosine each runtime's vectors had
+    to torch's on the build's seeded batch (none below `min_cosine`, or the build refused to publish)."""
+
+    folder: str
+    files: dict[str, str]  # file name inside `folder` -> sha256
+    checked: dict[str, float]  # runtime name -> smallest cosine to torch
+    min_cosine: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"folder": self.folder, "files": dict(self.files), "checked": dict(self.checked),
+                "min_cosine": self.min_cosine}
+
+    @classmethod
+    def from_dict(cls, export: _Fields) -> ExportRecord:
+        files, checked = export.mapping("files"), export.mapping("checked")
+        if not files or not all(isinstance(n, str) and isinstance(sha, str) for n, sha in files.items()):
+            raise CorruptArtifact(f"{export.where}: files should map file names to sha256 strings")
+        if not all(isinstance(n, str) and (_is_int(c) or isinstance(c, float)) for n, c in checked.items()):
+            raise CorruptArtifact(f"{export.where}: checked should map runtime names to cosines")
+        folder = export.text("folder")
+        if "/" in folder or folder in ("", ".", ".."):
+            raise CorruptArtifact(f"{export.where}: folder should be one plain name, got {folder!r}")
+        return cls(folder, dict(files), {name: float(c) for name, c in checked.items()},
+                   export.number("min_cosine"))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -274,8 +307,10 @@ class Manifest:
     provenance: Provenance
     index_seconds: float
     build_seconds: float
-    files: dict[str, str]  # file name -> sha256
+    files: dict[str, str]  # file name -> sha256 (top-level files; the export's are in `export.files`)
     format_version: int = FORMAT_VERSION
+    # None: no exported model (versions built before exports, or with `--no-export`); the key is then absent.
+    export: ExportRecord | None = None
 
     def to_dict(self) -> dict[str, Any]:
         embedder = self.embedder.to_dict()
@@ -300,6 +335,7 @@ class Manifest:
             "index_seconds": self.index_seconds,
             "build_seconds": self.build_seconds,
             "files": dict(self.files),
+            **({} if self.export is None else {"export": self.export.to_dict()}),
         }
 
     @classmethod
@@ -329,6 +365,7 @@ class Manifest:
             index_seconds=manifest.number("index_seconds"),  # type: ignore[arg-type]
             build_seconds=manifest.number("build_seconds"),  # type: ignore[arg-type]
             files=dict(files),
+            export=None if manifest.raw.get("export") is None else ExportRecord.from_dict(manifest.nested("export")),
         )
 
 

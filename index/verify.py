@@ -1,4 +1,5 @@
-"""`python -m index verify ARTIFACTS`: files against the manifest's sha256s, the checkpoint, the catalogue
+"""`python -m index verify ARTIFACTS`: files (the exported model's too) against the manifest's sha256s, the
+checkpoint and the exported model's own manifest, the catalogue
 against the indexes, and recall@K of every approximate index against exact search on its own vectors.
 Non-zero exit on any problem."""
 
@@ -18,6 +19,7 @@ from training.cli import report as report_error
 from training.errors import TrainingError
 from training.io import file_sha256
 from training.model.checkpoint import CheckpointMismatch, load_checkpoint
+from training.model.runtimes import ExportManifest
 
 LOG = logging.getLogger(__name__)
 
@@ -60,6 +62,23 @@ def check_checkpoint(artifact: Artifact, checkpoint: Path | None) -> list[str]:
     return problems
 
 
+def check_export_model(artifact: Artifact) -> list[str]:
+    """The exported model (if the version has one) is the model the index was built with: its own manifest
+    names the version's embedder fingerprint and its graphs' checksums hold (the files' sha256s against the
+    version's manifest are `check_files`')."""
+    folder = artifact.export_dir
+    if folder is None:
+        return []
+    try:
+        export = ExportManifest.read(folder)
+        export.verify(folder)
+    except TrainingError as exc:
+        return [f"exported model: {exc}"]
+    if export.fingerprint != artifact.fingerprint():
+        return [f"exported model in {folder.name}/ was made from another embedder than the index was built with"]
+    return []
+
+
 def check_catalogue_rows(artifact: Artifact) -> list[str]:
     """The catalogue must fit the indexes (`check_catalogue`) and name, at every row, the product of that row
     in the category's ids file: a hit maps to a product through its row. A version without one is fine."""
@@ -88,6 +107,7 @@ def verify(root: Path, version: str | None = None, checkpoint: Path | None = Non
     report = Report(artifact.version)
     report.problems += artifact.check_files()
     report.problems += check_checkpoint(artifact, checkpoint)
+    report.problems += check_export_model(artifact)
     if report.problems:
         return report  # recall on corrupt files means nothing
     try:

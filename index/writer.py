@@ -29,19 +29,25 @@ from index.ann import (
 )
 from index.artifact import CHECKPOINT_FILE, POPULARITY_FILE, PRODUCTS_FILE
 from index.catalogue import CATALOGUE_FILE, CatalogueRow, write_catalogue
+from index.errors import CorruptArtifact
 from index.manifest import (
     JSON_INDENT,
     MANIFEST_FILE,
     CategoryEntry,
     EmbedderFingerprint,
+    ExportRecord,
     Manifest,
     Provenance,
     write_manifest,
 )
 from training.data.popularity import Popularity
 from training.io import file_sha256, write_bytes_atomic, write_json_atomic
+from training.model.runtimes.base import MANIFEST_FILE as EXPORT_MANIFEST_FILE
+from training.model.runtimes.base import ExportManifest
 
 LOG = logging.getLogger(__name__)
+
+EXPORT_DIR = "export"  # the version's subfolder holding its exported model (`Manifest.export`)
 
 
 @dataclass
@@ -113,15 +119,34 @@ def write_category(staging: Path, data: CategoryData, exact_threshold: int = DEF
     return entry
 
 
-def _link_category(staging: Path, source: Path, entry: CategoryEntry) -> CategoryEntry:
+def _link(source: Path, target: Path) -> None:
     # Versions are immutable once published, so a hard link is a safe, instant copy; pruning the old
     # version later only drops its name for the file.
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not supported
+        shutil.copyfile(source, target)
+
+
+def _link_category(staging: Path, source: Path, entry: CategoryEntry) -> CategoryEntry:
     for name in entry.files:
-        try:
-            os.link(source / name, staging / name)
-        except OSError:  # another file system, or links not supported
-            shutil.copyfile(source / name, staging / name)
+        _link(source / name, staging / name)
     return entry
+
+
+def stage_export(staging: Path, source: Path, checked: dict[str, float], min_cosine: float,
+                 expected: dict[str, str] | None = None) -> ExportRecord:
+    """Link an export folder (`training.model.export.export_embedder`'s output) into `staging/EXPORT_DIR`
+    and record its files' sha256s; with `expected` (a parent version's record) every file must match it."""
+    names = ExportManifest.read(source).files() + [EXPORT_MANIFEST_FILE]
+    target = staging / EXPORT_DIR
+    target.mkdir()
+    for name in names:
+        _link(source / name, target / name)
+    files = {name: file_sha256(target / name) for name in sorted(names)}
+    if expected is not None and files != expected:
+        raise CorruptArtifact(f"the exported model in {source} differs from the sha256s its manifest recorded")
+    return ExportRecord(EXPORT_DIR, files, dict(checked), min_cosine)
 
 
 def write_version(
@@ -140,10 +165,12 @@ def write_version(
     started: float | None = None,
     catalogue: Iterable[CatalogueRow] | None = None,
     examples: Callable[[Path], object] | None = None,
+    export: Callable[[Path], ExportRecord] | None = None,
 ) -> Manifest:
     """Fill `staging` with a complete version; the manifest, written last, records every file's sha256.
 
-    `examples` writes the version's sample scenes into the staging folder (`index.examples`).
+    `examples` writes the version's sample scenes into the staging folder (`index.examples`); `export`
+    puts an exported model into it (`stage_export`) and returns its record; None: the version has none.
 
     `fingerprint` is `Embedder.fingerprint()` of the embedder the vectors came from; `started` (a
     time.perf_counter() value) is when the whole operation began, for `build_seconds`.
@@ -162,6 +189,7 @@ def write_version(
         write_catalogue(staging / CATALOGUE_FILE, catalogue)
     if examples is not None:
         examples(staging)
+    export_record = export(staging) if export is not None else None
     files = {entry.name: file_sha256(entry) for entry in sorted(staging.iterdir()) if entry.is_file()}
     manifest = Manifest(
         version=version,
@@ -176,6 +204,7 @@ def write_version(
         index_seconds=round(time.perf_counter() - index_started, 3),
         build_seconds=round(time.perf_counter() - started, 3),
         files=files,
+        export=export_record,
     )
     write_manifest(staging / MANIFEST_FILE, manifest)
     return manifest

@@ -37,17 +37,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"invalid configuration:\n{exc}", file=sys.stderr)
         return 2
-    import uvicorn
-
+    from service.access import AccessError
     from service.app import create_app
+    from service.server import serve
 
     # Steady forward passes without page faults (service/process.py): 71-74 -> 88-96 req/s at
     # concurrency 32 on 2 cores, for the server starts that used to land in glibc's slow state.
     process.retain_freed_memory()
 
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                access_log=False)
+    try:
+        app = create_app(settings)
+    except AccessError as exc:
+        print(f"invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    # Exits 0 after a SIGTERM once what was admitted is answered (service/server.py).
+    serve(app, settings.host, settings.port, settings.log_level.lower(), settings.drain_s)
     return 0
 
 

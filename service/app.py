@@ -9,18 +9,25 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.middleware.cors import CORSMiddleware
 
+from service.access import Access
+from service.admission import Admission, Unavailable
 from service.engine import Engine
 from service.examples import examples_router
 from service.images import BadInput
 from service.metrics import Metrics
-from service.middleware import BodySizeLimit, RequestMetrics
+from service.middleware import AdmissionGate, BodySizeLimit, RequestMetrics
 from service.page import page_router
 from service.process import run_in_own_thread
 from service.routes import router
 from service.settings import Settings, get_settings
 
 LOG = logging.getLogger(__name__)
+
+# What a shop's own front end may send and read across origins (STL_CORS_ORIGINS).
+CORS_HEADERS = ["Authorization", "X-API-Key", "X-Request-Timeout-Ms", "Content-Type", "If-None-Match"]
+CORS_EXPOSED = ["Retry-After", "ETag"]
 
 DESCRIPTION = (
     "Shop the Look: upload a scene photo, name a category (and optionally the item's bbox), get the "
@@ -30,13 +37,16 @@ DESCRIPTION = (
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The service app; nothing is loaded until its lifespan starts (TestClient or uvicorn)."""
+    """The service app; nothing is loaded until its lifespan starts (TestClient or uvicorn). AccessError
+    when STL_API_KEYS names a key file that cannot be read."""
     settings = settings if settings is not None else get_settings()
     metrics = Metrics()
+    admission = Admission(settings, metrics)
+    access = Access.from_settings(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = Engine.start(settings, metrics)  # threads and deployment policy; nothing loaded yet
+        engine = Engine.start(settings, metrics, admission)  # threads and deployment policy; nothing loaded yet
         app.state.engine = engine
 
         loader: asyncio.Future | None = None
@@ -55,13 +65,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             LOG.info("service stopped")
 
     app = FastAPI(title="Shop the Look", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.admission = admission
+    app.state.access = access
     app.include_router(router)
     app.include_router(page_router)
     app.include_router(examples_router)
-    # Added last = outermost: sizes are checked before anything else runs, and metrics see every request.
+    # Added last = outermost. Metrics see every request; CORS headers go on refusals too (a browser hides
+    # a 503 or 429 without them); the gate refuses before sizes are checked or a body is read.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(AdmissionGate, admission=admission)
+    if settings.cors_origin_list:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["GET", "POST"],
+                           allow_headers=CORS_HEADERS, expose_headers=CORS_EXPOSED, max_age=600)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_exception_handler(BadInput, _bad_input)
+    app.add_exception_handler(Unavailable, _unavailable)
     app.add_exception_handler(Exception, _unexpected)
     return app
 
@@ -70,6 +88,11 @@ async def _bad_input(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, BadInput)
     LOG.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc)
     return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Unavailable)
+    return JSONResponse({"detail": exc.detail}, status_code=503, headers=exc.headers)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

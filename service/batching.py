@@ -27,6 +27,15 @@ whenever the event loop preempts one of its threads (and a small model scales po
 Measured on 2 cores, efficientnet_lite0 in batches of 4: two single-threaded workers 112-125
 crops/s, one two-threaded 98-100. Helpers never create OpenMP teams of their own, so the process
 still has one team (see service/process.py). On a GPU there is one worker: the GPU is the bottleneck.
+
+Admission control (service/admission.py) reads the batcher's load: `outstanding` jobs (queued or in a
+pass) times `seconds_per_crop`, a moving average of how long a crop takes through the workers. While a
+backlog lasts it is the time between the ends of passes over their crops: the throughput actually
+delivered, whatever shares the cores (passes "side by side" on a busy machine are not twice as fast: the
+per-pass figure read 17.7 ms a crop where 26 were delivered). Without a backlog it is a pass's time over
+its size and over the passes running beside it. A job may carry a deadline: one whose deadline
+has passed when a worker takes it is dropped before its forward pass (`JobExpired`), as is one whose caller
+went away (its future cancelled); `on_drop(reason)` counts both.
 """
 from __future__ import annotations
 
@@ -66,12 +75,21 @@ class BatcherClosed(RuntimeError):
     pass
 
 
+class JobExpired(RuntimeError):
+    """The job's deadline passed while it waited in the queue: it was dropped, never embedded."""
+
+
+# Weight of the newest pass in the moving average of the time per crop: about the last 10 passes count.
+_SPEED_WEIGHT = 0.1
+
+
 @dataclass
 class _Job:
     model: Stages
     item: Any
     crop: torch.Tensor | None = None  # made already (in the pool); None: the worker runs encode_pre
     finish: bool = True  # the worker runs encode_post; False: the job's result is the vector
+    deadline: float | None = None  # time.monotonic() after which the job is dropped unembedded
     future: Future = field(default_factory=Future)
 
 
@@ -83,6 +101,7 @@ class Batcher:
         max_size: int = 32,
         max_wait_s: float = 0.002,
         on_batch: Callable[[int], None] | None = None,
+        on_drop: Callable[[str], None] | None = None,
         name: str = "stl-batcher",
         workers: int = 1,
         threads: int = 0,
@@ -90,7 +109,8 @@ class Batcher:
     ) -> None:
         """`workers` > 1 adds single-threaded helpers for concurrent load (CPU only); `threads` is the
         primary's intra-op thread count when it runs alone (0: whatever torch has when it starts); `pool`
-        runs `run`'s pre and post steps (None: the worker runs them, just before and after the pass)."""
+        runs `run`'s pre and post steps (None: the worker runs them, just before and after the pass);
+        `on_drop("expired" | "cancelled")` is told of each job dropped before its pass."""
         if max_size < 1:
             raise ValueError(f"max_size must be at least 1, got {max_size}")
         if workers < 1:
@@ -98,6 +118,7 @@ class Batcher:
         self.max_size = max_size
         self.max_wait_s = max(0.0, max_wait_s)
         self._on_batch = on_batch
+        self._on_drop = on_drop
         self.pool = pool
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
@@ -107,6 +128,10 @@ class Batcher:
         # a lone request is never left to a single-threaded helper.
         self._concurrent = threading.Event()
         self._helpers_busy = 0
+        self._outstanding = 0  # jobs put and not yet finished (or dropped); changed under _lock
+        self._passes = 0  # workers inside _process now
+        self._seconds_per_crop: float | None = None  # None until the first pass is timed
+        self._last_done: float | None = None  # when the last pass ended, if it left work queued behind it
         self._helpers = [threading.Thread(target=self._help, name=f"{name}-{n}", daemon=True)
                          for n in range(1, workers)]
         for helper in self._helpers:
@@ -114,27 +139,48 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, model: Stages, item: Any) -> Future:
-        """Future of `model.encode_post(item, vector)`, all three stages run by the worker; or of the
-        exception one of them raised."""
-        return self._put(_Job(model, item))
+    @property
+    def outstanding(self) -> int:
+        """Jobs queued or in a forward pass now."""
+        return self._outstanding
 
-    async def run(self, model: Stages, item: Any) -> Any:
+    @property
+    def seconds_per_crop(self) -> float | None:
+        """Recent time per crop through all workers together (None before the first pass)."""
+        return self._seconds_per_crop
+
+    def expected_wait_s(self) -> float:
+        """How long a job put now would wait for the jobs ahead of it (0 before the first pass is timed)."""
+        return self._outstanding * (self._seconds_per_crop or 0.0)
+
+    def submit(self, model: Stages, item: Any, deadline: float | None = None) -> Future:
+        """Future of `model.encode_post(item, vector)`, all three stages run by the worker; or of the
+        exception one of them raised (JobExpired when `deadline`, a time.monotonic(), passed in the queue)."""
+        return self._put(_Job(model, item, deadline=deadline))
+
+    async def run(self, model: Stages, item: Any, deadline: float | None = None) -> Any:
         """`item`'s answer through the three stages, the pre and post steps wherever this batcher runs them."""
         # wrap_future: the event loop waits without blocking; cancelling the request cancels the job.
         if self.pool is None:
-            return await asyncio.wrap_future(self.submit(model, item))
+            return await asyncio.wrap_future(self.submit(model, item, deadline))
         loop = asyncio.get_running_loop()
         crop = await loop.run_in_executor(self.pool, model.encode_pre, item)
-        vector = await asyncio.wrap_future(self._put(_Job(model, item, crop, finish=False)))
+        vector = await asyncio.wrap_future(self._put(_Job(model, item, crop, finish=False, deadline=deadline)))
         return await loop.run_in_executor(self.pool, model.encode_post, item, vector)
 
     def _put(self, job: _Job) -> Future:
         with self._lock:  # so that no job slips in behind the stop sentinel
             if self._closed:
                 raise BatcherClosed("the batcher is shut down")
+            self._outstanding += 1
             self._queue.put(job)
         return job.future
+
+    def _drop(self, job: _Job, reason: str) -> None:
+        if reason == "expired":
+            job.future.set_exception(JobExpired("the request's deadline passed while it waited in the queue"))
+        if self._on_drop is not None:
+            self._on_drop(reason)
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish the queued jobs, then stop the workers."""
@@ -240,11 +286,39 @@ class Batcher:
                 return
 
     def _process(self, batch: list[_Job]) -> None:
+        with self._lock:
+            self._passes += 1
+            beside = self._passes  # passes running at once share the cores: each crop's share of the time
+        started = time.perf_counter()
+        embedded = 0
+        try:
+            embedded = self._embed(batch)
+        finally:
+            ended = time.perf_counter()
+            with self._lock:
+                self._passes -= 1
+                self._outstanding -= len(batch)
+                if embedded:
+                    # Busy since the last pass ended: the workers delivered `embedded` crops in that interval.
+                    sample = ((ended - self._last_done) if self._last_done is not None
+                              else (ended - started) / beside) / embedded
+                    last = self._seconds_per_crop
+                    self._seconds_per_crop = sample if last is None else last + _SPEED_WEIGHT * (sample - last)
+                self._last_done = ended if self._outstanding > 0 else None
+
+    def _embed(self, batch: list[_Job]) -> int:
+        """Run the batch's stages; the number of crops that went through a forward pass."""
         # After a hot reload, jobs for the old and the new model can share a batch: one pass each.
         groups: dict[int, list[tuple[_Job, torch.Tensor]]] = {}
+        now = time.monotonic()
+        embedded = 0
         for job in batch:
-            # Jobs whose request went away are dropped before paying for their forward pass.
+            # Jobs whose request went away, or whose deadline passed, are dropped before paying for their pass.
             if not job.future.set_running_or_notify_cancel():
+                self._drop(job, "cancelled")
+                continue
+            if job.deadline is not None and now > job.deadline:
+                self._drop(job, "expired")
                 continue
             try:
                 crop = job.model.encode_pre(job.item) if job.crop is None else job.crop
@@ -261,6 +335,7 @@ class Batcher:
                 for job in jobs:
                     job.future.set_exception(exc)
                 continue
+            embedded += len(jobs)
             if self._on_batch is not None:
                 self._on_batch(len(jobs))
             for job, vector in zip(jobs, vectors, strict=True):
@@ -268,3 +343,4 @@ class Batcher:
                     job.future.set_result(job.model.encode_post(job.item, vector) if job.finish else vector)
                 except Exception as exc:  # that caller's search failed: its own fallback, not the batch's
                     job.future.set_exception(exc)
+        return embedded

@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request
 
+from service.access import Access, Denied
 from service.engine import Engine, NotServing
 from service.versions import LoadedVersion
 
@@ -58,3 +59,20 @@ async def require_admin(engine: EngineDep, authorization: Annotated[str | None, 
 
 
 AdminDep = Annotated[None, Depends(require_admin)]
+
+
+async def check_access(request: Request) -> None:
+    """API key and rate limit of a protected route; returns at once when both are off (the default)."""
+    access: Access = request.app.state.access
+    if not access.enabled:
+        return
+    headers = request.headers
+    client = request.client
+    try:
+        access.admit(headers.get("authorization"), headers.get("x-api-key"), client.host if client else None)
+    except Denied as exc:
+        raise HTTPException(exc.status, exc.detail, headers=exc.headers) from None
+
+
+# On the protected routes' decorators: `dependencies=[Protected]`.
+Protected = Depends(check_access)

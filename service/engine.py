@@ -27,7 +27,8 @@ import torch
 from index.catalogue import Facets, ProductRecord
 from index.filters import mentions
 from service import process
-from service.batching import Batcher
+from service.admission import Admission, Unavailable
+from service.batching import Batcher, JobExpired
 from service.images import BadInput
 from service.metrics import Metrics
 from service.schemas import Source, Strategy
@@ -120,13 +121,17 @@ class Engine:
         self.cpu_pool = cpu_pool
 
     @classmethod
-    def start(cls, settings: Settings, metrics: Metrics) -> Engine:
-        """Threads and policy for this deployment; nothing is loaded yet (see `load`)."""
+    def start(cls, settings: Settings, metrics: Metrics, admission: Admission | None = None) -> Engine:
+        """Threads and policy for this deployment; nothing is loaded yet (see `load`). `admission`, when
+        given, measures the batcher's queue."""
         process.set_torch_threads(settings.torch_threads)  # before the batcher reads torch's thread count
         cpu_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="stl-cpu")
         batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_ms / 1000.0,
-                          on_batch=metrics.batch_size.observe, workers=batch_workers(settings),
-                          pool=None if preprocess_inline(settings) else cpu_pool)
+                          on_batch=metrics.batch_size.observe,
+                          on_drop=lambda reason: metrics.dropped.labels(reason=reason).inc(),
+                          workers=batch_workers(settings), pool=None if preprocess_inline(settings) else cpu_pool)
+        if admission is not None:
+            admission.attach(batcher)
         return cls(settings, metrics, VersionHolder(settings, metrics), batcher, cpu_pool)
 
     def load(self) -> None:
@@ -162,12 +167,13 @@ class Engine:
 
     async def recommend(self, image: bytes, category: str, bbox: BBox | None = None, k: int = 10,
                         strategy: Strategy = "auto", filter: str | None = None, offset: int = 0,
-                        dedup: bool = True) -> Recommendation:
+                        dedup: bool = True, deadline: float | None = None) -> Recommendation:
         """Products of `category` that go with the item at `bbox` in the scene photo `image`: the page
         `offset .. offset + k` of the exact ranking of the products that pass `filter`.
 
-        BadInput for the client's mistakes (unknown category, bad filter, bad image or crop); every other
-        failure of the embedding path is logged, counted and answered by popularity.
+        BadInput for the client's mistakes (unknown category, bad filter, bad image or crop); Unavailable
+        when `deadline` (a time.monotonic()) passed while the scene was queued (it was not embedded); every
+        other failure of the embedding path is logged, counted and answered by popularity.
         """
         loaded = self.serving()  # read once: the whole request sees one version
         full_path = self._resolve(loaded, category)
@@ -181,9 +187,11 @@ class Engine:
             await self._in_pool(loaded.check_scene, scene)
         else:
             try:
-                page = await self.batcher.run(loaded, scene)
+                page = await self.batcher.run(loaded, scene, deadline)
             except BadInput:
                 raise
+            except JobExpired:  # too late for this client: a 503, not a popularity answer it no longer waits for
+                raise Unavailable("the request's deadline passed while it waited in the queue; retry later") from None
             except Exception as exc:  # the model or index broke on this request: log, count, answer by popularity
                 LOG.exception("embedding search failed for category %s; serving popularity", full_path)
                 fallback = ("embedding_failed", f"embedding failed: {type(exc).__name__}")

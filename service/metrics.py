@@ -38,6 +38,42 @@ class Metrics:
             "stl_index_info", "1 for the index version being served", ["version", "status"], registry=self.registry,
         )
 
+        # Admission control and access (service/admission.py, service/access.py).
+        self.queue_budget = Gauge(
+            "stl_queue_budget_seconds", "STL_QUEUE_BUDGET_MS: the longest expected queue wait a scene is admitted to",
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge("stl_queue_depth", "Scenes queued or in a forward pass", registry=self.registry)
+        self.seconds_per_crop = Gauge(
+            "stl_seconds_per_crop", "Recently measured time per crop through the batch workers",
+            registry=self.registry,
+        )
+        self.expected_wait = Gauge(
+            "stl_queue_expected_wait_seconds", "Queue depth times the time per crop: what a new scene would wait",
+            registry=self.registry,
+        )
+        self.shed = Counter(
+            "stl_shed", "Requests refused with 503 before any work, by reason (overloaded, draining)", ["reason"],
+            registry=self.registry,
+        )
+        self.dropped = Counter(
+            "stl_jobs_dropped", "Queued scenes dropped before their forward pass, by reason (expired, cancelled)",
+            ["reason"], registry=self.registry,
+        )
+        self.abandoned = Counter(
+            "stl_requests_abandoned", "Requests stopped before they answered, by reason (timeout, disconnect)",
+            ["reason"], registry=self.registry,
+        )
+        self.draining = Gauge("stl_draining", "1 while the service drains before it exits", registry=self.registry)
+        self.access = Counter(
+            "stl_access", "Protected requests by key (a short hash, 'address' without keys) and outcome",
+            ["key", "outcome"], registry=self.registry,
+        )
+        self.unauthorized = Counter(
+            "stl_unauthorized", "Protected requests refused with 401, by reason (missing, wrong)", ["reason"],
+            registry=self.registry,
+        )
+
     def set_index(self, version: str | None, status: str) -> None:
         self.index_info.clear()
         self.index_info.labels(version=version or "none", status=status).set(1)

@@ -1,14 +1,25 @@
-"""ASGI middleware: upload size limit (enforced while reading) and per-request metrics."""
+"""ASGI middleware: the admission gate (drain, budget, deadlines, disconnects), the upload size limit
+(enforced while reading) and per-request metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.admission import TIMEOUT_HEADER, Admission, BadTimeout, Unavailable
 from service.metrics import Metrics
+
+# The API the gate guards (drain, deadlines, disconnects); the page, the docs, the probes, /metrics and
+# /admin pass straight through. Only scenes go through the batcher's queue, so only they meet its budget.
+API_PATHS = ("/recommend", "/products/", "/facets", "/categories", "/examples")
+SCENE_PATH = "/recommend"
+_TIMEOUT_HEADER = TIMEOUT_HEADER.encode()
+# A refused body is read and dropped up to this size (past it the connection is simply closed).
+DISCARD_LIMIT_BYTES = 16 * 1024 * 1024
 
 # Room for the multipart envelope and the small form fields beside the image itself.
 FORM_OVERHEAD_BYTES = 64 * 1024
@@ -80,15 +91,139 @@ class RequestMetrics:
         finally:
             route = scope.get("route")
             # Template, not raw path, so label values stay bounded; unmatched paths share one label.
-            label = getattr(route, "path", None) or "unmatched"
-            source = (scope.get("state") or {}).get("source", "")
+            state = scope.get("state") or {}
+            # A refusal at the gate comes before routing; it names the route it refused, if it knows it.
+            label = getattr(route, "path", None) or state.get("refused_route") or "unmatched"
+            source = state.get("source", "")
             self.metrics.requests.labels(route=label, status=str(status), source=source).inc()
             self.metrics.latency.labels(route=label).observe(time.perf_counter() - started)
 
 
-async def _send_json(send: Send, status: int, body: dict) -> None:
+class AdmissionGate:
+    """Decides at the door, before a body is read, and bounds each API request's time.
+
+    While draining every API request gets 503 (and `Connection: close`, so that clients reconnect
+    elsewhere). A scene whose expected queue wait exceeds the budget gets 503 with Retry-After. An
+    admitted request runs with a deadline (the route hands it to the engine, which gives it to its
+    batcher job); if no answer has started by then it is cancelled and answered 503, and a client that
+    disconnects cancels it too, so that a queued job is dropped instead of embedded for nobody.
+    """
+
+    def __init__(self, app: ASGIApp, admission: Admission) -> None:
+        self.app = app
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith(API_PATHS):
+            await self.app(scope, receive, send)
+            return
+        admission = self.admission
+        if path == SCENE_PATH:
+            scope.setdefault("state", {})["refused_route"] = SCENE_PATH  # read by RequestMetrics if refused
+        if admission.draining:
+            exc = admission.refuse_draining()
+            # Read to the end before closing: a socket closed with unread data resets the connection, and the
+            # client would see a broken connection instead of this 503.
+            await _discard_body(receive)
+            await _send_json(send, 503, {"detail": exc.detail}, exc.headers)
+            return
+        now = time.monotonic()
+        try:
+            deadline = admission.deadline(_header(scope, _TIMEOUT_HEADER), now)
+            if path == SCENE_PATH and scope["method"] == "POST":
+                admission.check_scene(deadline, now)
+        except BadTimeout as exc:
+            await _send_json(send, 400, {"detail": str(exc)}, keep_alive=True)
+            return
+        except Unavailable as exc:
+            await _send_json(send, 503, {"detail": exc.detail}, exc.headers, keep_alive=True)
+            return
+        scope.setdefault("state", {})["deadline"] = deadline
+        admission.begin()
+        try:
+            await self._bounded(scope, receive, send, deadline)
+        finally:
+            admission.end()
+
+    async def _bounded(self, scope: Scope, receive: Receive, send: Send, deadline: float) -> None:
+        """The app, cancelled when the client goes away or when `deadline` passes before it answers."""
+        loop = asyncio.get_running_loop()
+        started = done = disconnected = False
+        watcher: asyncio.Task | None = None
+
+        async def watch() -> Message:
+            nonlocal disconnected
+            message = await receive()  # after the whole body: returns when the client goes (or the answer ends)
+            if message["type"] == "http.disconnect" and not done:
+                disconnected = True
+                task.cancel()
+            return message
+
+        async def watched_receive() -> Message:
+            nonlocal watcher
+            if watcher is not None:  # the body is read: what comes next is the watcher's to see
+                return await asyncio.shield(watcher)
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                watcher = loop.create_task(watch())
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started, done
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                done = True
+            await send(message)
+
+        task = loop.create_task(self.app(scope, watched_receive, watched_send))
+        try:
+            finished, _ = await asyncio.wait((task,), timeout=max(0.0, deadline - time.monotonic()))
+            if not finished and started:  # answering already: let it finish
+                await asyncio.wait((task,))
+            elif not finished:
+                task.cancel()
+                await asyncio.wait((task,))
+                if not started:
+                    self.admission.metrics.abandoned.labels(reason="timeout").inc()
+                    await _send_json(send, 503, {"detail": "no answer within the request's timeout; retry later"},
+                                     {"Retry-After": "1"}, keep_alive=True)
+                return
+            if task.cancelled() and disconnected:  # nobody to answer
+                self.admission.metrics.abandoned.labels(reason="disconnect").inc()
+                return
+            task.result()  # the app's own exception, for the error middleware outside
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+
+async def _discard_body(receive: Receive, limit: int = DISCARD_LIMIT_BYTES) -> None:
+    received = 0
+    while received <= limit:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        received += len(message.get("body", b""))
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers") or ():
+        if key == name:
+            return value
+    return None
+
+
+async def _send_json(send: Send, status: int, body: dict, headers: dict[str, str] | None = None,
+                     keep_alive: bool = False) -> None:
     payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            (b"connection", b"close")]})
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    head += [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
+    if not keep_alive:
+        head.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": payload})

@@ -8,7 +8,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, HTTPException, Path, Query, Request, Response, UploadFile
 
-from service.deps import AdminDep, EngineDep, ServingEngineDep, VersionDep
+from service.admission import Admission
+from service.deps import AdminDep, EngineDep, Protected, ServingEngineDep, VersionDep
 from service.engine import RankedItem, Recommendation
 from service.images import BadInput, parse_bbox
 from service.schemas import (
@@ -34,8 +35,9 @@ router = APIRouter()
 
 MAX_K = 100
 MAX_OFFSET = 1000
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 413, 415, 503)}
-LOOKUP_ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 503)}
+# 401 and 429 only when STL_API_KEYS / STL_RATE_LIMIT are set (service/access.py).
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 429, 503)}
+LOOKUP_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)}
 # Thumbnails change only with a new index version; the ETag (a content hash) revalidates them after that.
 THUMBNAIL_CACHE_CONTROL = "public, max-age=3600"
 
@@ -50,7 +52,7 @@ DEDUP_HELP = "show each group of duplicate products once (its most popular membe
 
 
 @router.post(
-    "/recommend", response_model=RecommendResponse, responses=ERRORS,
+    "/recommend", response_model=RecommendResponse, responses=ERRORS, dependencies=[Protected],
     summary="Products of one category that go with the item in a scene photo",
 )
 async def recommend(
@@ -71,12 +73,14 @@ async def recommend(
     data = await image.read(limit + 1)
     if len(data) > limit:
         raise BadInput(413, f"the image is larger than STL_MAX_UPLOAD_MB = {engine.settings.max_upload_mb} MB")
-    answer = await engine.recommend(data, category, box, k, strategy, filter, offset, dedup)
+    # The admission gate (service/middleware.py) set the deadline; absent only for an app without the gate.
+    deadline = getattr(request.state, "deadline", None)
+    answer = await engine.recommend(data, category, box, k, strategy, filter, offset, dedup, deadline)
     request.state.source = answer.source
     return _recommendation(answer, started)
 
 
-@router.get("/products/{product_id}", response_model=ProductResponse, responses=LOOKUP_ERRORS,
+@router.get("/products/{product_id}", response_model=ProductResponse, responses=LOOKUP_ERRORS, dependencies=[Protected],
             summary="One product's catalogue data (404 for an unknown id)")
 async def product(engine: ServingEngineDep, product_id: Annotated[str, Path()]) -> ProductResponse:
     view = await engine.product(product_id)
@@ -84,7 +88,7 @@ async def product(engine: ServingEngineDep, product_id: Annotated[str, Path()]) 
                               view.index_version)
 
 
-@router.get("/products/{product_id}/image", response_class=Response, responses={
+@router.get("/products/{product_id}/image", response_class=Response, dependencies=[Protected], responses={
     200: {"content": {"image/webp": {}, "image/jpeg": {}}, "description": "the thumbnail"},
     304: {"description": "the thumbnail named by If-None-Match is still current"}, **LOOKUP_ERRORS},
     summary="A product's thumbnail, with an ETag (answers 304 to a matching If-None-Match)")
@@ -101,6 +105,7 @@ async def product_image(
 
 
 @router.get("/products/{product_id}/similar", response_model=RecommendResponse, responses=LOOKUP_ERRORS,
+            dependencies=[Protected],
             summary="More like this: products of the same category closest to this one (itself left out)")
 async def similar(
     request: Request,
@@ -117,7 +122,7 @@ async def similar(
     return _recommendation(answer, started)
 
 
-@router.get("/facets", response_model=FacetsResponse, responses=LOOKUP_ERRORS,
+@router.get("/facets", response_model=FacetsResponse, responses=LOOKUP_ERRORS, dependencies=[Protected],
             summary="What a filter UI needs for a category: label values with counts, brands, price range, stock")
 async def facets(
     engine: ServingEngineDep,
@@ -171,10 +176,19 @@ async def healthz() -> HealthResponse:
 
 
 @router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}},
-            summary="Ready to serve: 'ready', or 'degraded' (popularity only); 503 while loading")
-async def readyz(engine: EngineDep, response: Response) -> ReadyResponse:
+            summary="Ready to serve: 'ready', or 'degraded' (popularity only); 503 while loading or draining")
+async def readyz(request: Request, engine: EngineDep, response: Response) -> ReadyResponse:
     holder = engine.holder
     loaded = holder.current
+    admission: Admission = request.app.state.admission
+    if admission.draining:  # shutting down: orchestrators take this instance out of rotation
+        response.status_code = 503
+        return ReadyResponse(
+            status="draining", index_version=loaded.version if loaded else None,
+            categories=len(loaded.resolver.paths) if loaded else 0,
+            indexed_categories=len(loaded.indexes) if loaded else 0,
+            model_loaded=loaded.model_loaded if loaded else False, problem="the service is shutting down",
+        )
     if loaded is None:
         response.status_code = 503
         return ReadyResponse(

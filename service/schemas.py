@@ -105,7 +105,7 @@ class HealthResponse(BaseModel):
 
 
 class ReadyResponse(BaseModel):
-    status: Literal["ready", "degraded", "loading", "unavailable"]
+    status: Literal["ready", "degraded", "loading", "unavailable", "draining"]
     index_version: str | None
     categories: int
     indexed_categories: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -13,6 +14,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 LOG = logging.getLogger(__name__)
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$", re.IGNORECASE)
+_PERIOD_S = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+
+
+def parse_rate(text: str) -> tuple[float, int]:
+    """'10/s', '600/min', '1000/h' -> (per second, the count); ValueError otherwise."""
+    match = _RATE_RE.match(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f"rate_limit must look like 10/s, 600/min or 1000/h, got {text!r}")
+    count = float(match.group(1))
+    return count / _PERIOD_S[match.group(2).lower()], math.ceil(count)
 
 
 class Settings(BaseSettings):
@@ -39,6 +51,20 @@ class Settings(BaseSettings):
         0, ge=0, le=256, description="forward-pass workers; 0: one per torch thread on a CPU, one on a GPU"
     )
     admin_token: SecretStr | None = None
+    queue_budget_ms: float = Field(
+        500.0, gt=0, le=600_000, description="admit a scene only if its expected queue wait fits this"
+    )
+    request_timeout_ms: float = Field(
+        10_000.0, gt=0, le=3_600_000, description="answer 503 when an API request has no answer by then"
+    )
+    drain_s: float = Field(15.0, ge=0, le=3600, description="on SIGTERM, time to answer what was admitted")
+    api_keys: SecretStr | None = Field(
+        None, description="comma-separated API keys, or @/path of a file of them (one a line); unset: open"
+    )
+    api_keys_file: Path | None = Field(None, description="a file of API keys, one a line ('#' comments)")
+    rate_limit: str | None = Field(None, description="per key (or per client address): e.g. 10/s, 600/min")
+    rate_burst: int | None = Field(None, ge=1, le=1_000_000, description="bucket size; unset: the rate's count")
+    cors_origins: str | None = Field(None, description="comma-separated origins allowed to call the API; * for any")
     background_load: bool = Field(
         True, description="accept requests (readyz 503 'loading') while the model and indexes load at start-up"
     )
@@ -68,6 +94,35 @@ class Settings(BaseSettings):
         if value is None or not value.get_secret_value().strip():
             return None
         return value
+
+    @field_validator("api_keys", "rate_limit", "cors_origins", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # STL_API_KEYS= (as compose writes an unset variable) means "off", never "the empty key".
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, SecretStr) and not value.get_secret_value().strip():
+            return None
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_rate(value)
+        return value
+
+    @property
+    def rate(self) -> tuple[float, int] | None:
+        """(tokens per second, bucket size) of STL_RATE_LIMIT and STL_RATE_BURST; None when off."""
+        if self.rate_limit is None:
+            return None
+        per_second, count = parse_rate(self.rate_limit)
+        return per_second, self.rate_burst or max(1, count)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in (self.cors_origins or "").split(",") if origin.strip()]
 
     @property
     def max_upload_bytes(self) -> int:

@@ -149,6 +149,9 @@ def test_service_uses_only_the_model_and_data_rooms_of_training() -> None:
     # What `python -m training --help`, `python -m index --help` and the service's start-up read first.
     ["training.__main__", "index.__main__", "training.cli", "training.errors", "training.io"],
     ["training.data.stl", "training.data.split", "training.data.popularity", "service.settings"],
+    # What a torch-free server runs an exported model with (issue 14).
+    ["training.model.arrays", "training.model.runtimes", "training.model.runtimes.openvino_runtime",
+     "training.model.runtimes.onnx_runtime"],
 ])
 def test_light_modules_do_not_import_torch_or_faiss(modules: list[str]) -> None:
     code = (f"import importlib, json, sys\nfor m in {modules!r}: importlib.import_module(m)\n"

@@ -151,14 +151,22 @@ def test_gpu_image_installs_the_gpu_extra_only() -> None:
     assert "ARG BASE_IMAGE=nvidia/cuda:" in gpu
 
 
-@pytest.mark.parametrize(("extra", "wanted", "unwanted"), [("cpu", "faiss-cpu", "faiss-gpu"),
-                                                          ("gpu", "faiss-gpu", "faiss-cpu")])
+@pytest.mark.parametrize(("extra", "wanted", "unwanted"), [("cpu,train", "faiss-cpu", "faiss-gpu"),
+                                                          ("gpu,train", "faiss-gpu", "faiss-cpu")])
 def test_pyproject_requirements_per_extra(extra: str, wanted: str, unwanted: str) -> None:
     result = subprocess.run([sys.executable, str(DOCKER_DIR / "pyproject_requirements.py"),
                              str(REPO_ROOT / "pyproject.toml"), extra], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     names = [re.split(r"[<>=!~\[ ;]", line, maxsplit=1)[0] for line in result.stdout.splitlines()]
     assert "torch" in names and wanted in names and unwanted not in names
+
+
+def test_the_serve_extra_installs_no_torch() -> None:
+    result = subprocess.run([sys.executable, str(DOCKER_DIR / "pyproject_requirements.py"),
+                             str(REPO_ROOT / "pyproject.toml"), "cpu,serve"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    names = {re.split(r"[<>=!~\[ ;]", line, maxsplit=1)[0] for line in result.stdout.splitlines()}
+    assert {"fastapi", "uvicorn", "openvino", "faiss-cpu"} <= names and not names & {"torch", "torchvision", "timm"}
 
 
 def test_pyproject_requirements_rejects_an_unknown_extra() -> None:

@@ -35,8 +35,10 @@ from training.data.stl import KINDS, BBox, Kind, Pair, STLDataset
 from training.errors import DataError, TrainingError
 from training.io import write_text_atomic
 from training.model.backbones import load_backbone
+from training.model.batch_runtime import batch_runtime
 from training.model.embedder import Embedder
 from training.model.preprocess import Preprocess, load_crop
+from training.model.runtimes import Runtime, RuntimeName
 
 LOG = logging.getLogger(__name__)
 
@@ -370,11 +372,16 @@ def cache_features(
     batch_size: int = 64,
     workers: int = 2,
     progress: bool = True,
+    runtime: RuntimeName = "auto",
+    export_dir: Path | None = None,
 ) -> CachedFeatures:
     """Extract the backbone features of every scene crop and product image not yet cached; open the cache.
 
     `pairs` defaults to `dataset.pairs`, `products` to `dataset.catalogue()`. Images that fail to decode
     or crop are logged, recorded in `failed.jsonl` and skipped (`CachedFeatures.has_scene` says which).
+    The backbone runs in `runtime` (`training.model.batch_runtime`: OpenVINO on a CPU with `auto`, over
+    `export_dir` when it holds the embedder's export); its features equal torch's within 1e-5, so the cache
+    key does not name the runtime.
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -401,27 +408,29 @@ def cache_features(
         LOG.info("feature cache %s: %d scene crops and %d products cached, %d to extract",
                  directory, len(existing["scene"]), len(existing["product"]), len(missing))
         if missing:
-            computed = _extract(directory, embedder, missing, batch_size, workers, progress)
+            with batch_runtime(embedder, runtime, export_dir) as engine:
+                computed = _extract(directory, engine, embedder.preprocess, embedder.backbone.dim, missing,
+                                    batch_size, workers, progress, pin_memory=embedder.device.type == "cuda")
             counts = {kind: len(_Table(directory, kind, embedder.backbone.dim)) for kind in KINDS}
             _update_counts(directory, fingerprint, counts)
     return CachedFeatures(directory, computed=computed)
 
 
-def _extract(directory: Path, embedder: Embedder, missing: list[_Item], batch_size: int, workers: int,
-             progress: bool) -> int:
+def _extract(directory: Path, runtime: Runtime, preprocess: Preprocess, backbone_dim: int, missing: list[_Item],
+             batch_size: int, workers: int, progress: bool, pin_memory: bool = False) -> int:
     seq = _next_seq(directory)
     writers: dict[str, _SegmentWriter] = {}
     for offset, kind in enumerate(KINDS):
         capacity = sum(item.kind == kind for item in missing)
         if capacity:
-            writers[kind] = _SegmentWriter(directory, kind, seq + offset, capacity, embedder.backbone.dim)
+            writers[kind] = _SegmentWriter(directory, kind, seq + offset, capacity, backbone_dim)
     loader = DataLoader(
-        _ImageFiles(missing, embedder.preprocess),
+        _ImageFiles(missing, preprocess),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
         collate_fn=_collate,
-        pin_memory=embedder.device.type == "cuda",
+        pin_memory=pin_memory,
         # Workers decode the next batches while the backbone runs; 2 batches ahead hides decode jitter.
         prefetch_factor=2 if workers > 0 else None,
     )
@@ -435,7 +444,7 @@ def _extract(directory: Path, embedder: Embedder, missing: list[_Item], batch_si
                 _record_failures(directory, [(item, error) for item, error, transient in failures if not transient])
                 failures_seen += len(failures)
                 if chunk["batch"] is not None:
-                    features = embedder.backbone_features(chunk["batch"]).numpy()
+                    features = runtime.backbone_features(chunk["batch"].numpy())
                     positions = np.asarray(chunk["positions"])
                     for kind, writer in writers.items():
                         rows = [i for i, position in enumerate(positions) if missing[position].kind == kind]
@@ -462,6 +471,7 @@ def extract_features(
     batch_size: int = 64,
     workers: int = 2,
     progress: bool = True,
+    runtime: RuntimeName = "auto",
 ) -> CachedFeatures:
     """Cache the backbone features of a whole dataset (records that do not load are skipped); open the cache."""
     if context < 0:
@@ -473,4 +483,4 @@ def extract_features(
     embedder = Embedder(load_backbone(backbone, backbone_weights), context=context, device=device,
                         jpeg_draft=jpeg_draft)
     return cache_features(dataset, embedder, Path(cache_root), batch_size=batch_size, workers=workers,
-                          progress=progress)
+                          progress=progress, runtime=runtime)

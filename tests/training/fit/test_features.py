@@ -21,6 +21,7 @@ from training.fit.features import (
     scene_key,
 )
 from training.model.backbones import load_backbone
+from training.model.batch_runtime import FEATURE_TOLERANCE
 from training.model.embedder import Embedder
 from training.model.preprocess import load_image
 
@@ -110,19 +111,20 @@ def test_manifest_of_another_embedder_is_refused(dataset, embedder, tmp_path):
 def test_interrupted_run_resumes_to_the_same_result(dataset, embedder, tmp_path, monkeypatch):
     reference = cache_features(dataset, embedder, tmp_path / "reference", batch_size=3, workers=0, progress=False)
 
-    real = Embedder.backbone_features
+    real = features_module._SegmentWriter.append
     calls = {"n": 0}
 
-    def crash_after_first_chunk(self, batch):
-        calls["n"] += 1
+    def crash_after_first_chunk(self, keys, features):
+        # Whatever runtime computed them, the second chunk's rows never reach the disk.
+        calls["n"] += bool(keys)
         if calls["n"] == 2:
             raise KeyboardInterrupt("killed")
-        return real(self, batch)
+        return real(self, keys, features)
 
-    monkeypatch.setattr(Embedder, "backbone_features", crash_after_first_chunk)
+    monkeypatch.setattr(features_module._SegmentWriter, "append", crash_after_first_chunk)
     with pytest.raises(KeyboardInterrupt):
         cache_features(dataset, embedder, tmp_path / "cache", batch_size=3, workers=0, progress=False)
-    monkeypatch.setattr(Embedder, "backbone_features", real)
+    monkeypatch.setattr(features_module._SegmentWriter, "append", real)
 
     partial = CachedFeatures.open(cache_dir(tmp_path / "cache", embedder))
     assert partial.n_scenes == 3 and partial.n_products == 0  # exactly the first chunk survived
@@ -162,3 +164,20 @@ def test_unreadable_image_is_recorded_and_not_retried(dataset, embedder, tmp_pat
     with pytest.raises(MissingFeatures, match="p2.*extraction failed"):
         cached.product_features(["p1", "p2"])
     assert cache_features(dataset, embedder, tmp_path / "cache", workers=0, progress=False).computed == 0
+
+
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_an_exported_runtime_fills_the_same_cache_within_tolerance(dataset, embedder, tmp_path, runtime):
+    """The runtime is not part of the cache key: its features equal torch's within FEATURE_TOLERANCE, so a
+    cache started in torch and finished in OpenVINO (or the other way) is one cache."""
+    torch_cache = cache_features(dataset, embedder, tmp_path / "cache", pairs=[], products=["p1", "p2"], workers=0,
+                                 progress=False, runtime="torch")
+    mixed = cache_features(dataset, embedder, tmp_path / "cache", workers=0, progress=False, runtime=runtime)
+    assert mixed.directory == torch_cache.directory and mixed.computed == 4 + 2
+    reference = cache_features(dataset, embedder, tmp_path / "reference", workers=0, progress=False, runtime="torch")
+    products = dataset.catalogue()
+    scale = max(1.0, float(np.abs(reference.product_features(products)).max()))
+    assert np.abs(mixed.product_features(products) - reference.product_features(products)).max() <= (
+        FEATURE_TOLERANCE * scale)
+    assert np.abs(mixed.scene_features(dataset.pairs) - reference.scene_features(dataset.pairs)).max() <= (
+        FEATURE_TOLERANCE * scale)

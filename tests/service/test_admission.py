@@ -1,0 +1,227 @@
+"""Admission control: the queue budget sheds at once and admits again, deadlines and disconnects drop jobs
+before their forward pass. Driven by a slow fake model on the app's own batcher: no timing assertions."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.admission import Admission, Unavailable
+from service.app import create_app
+from service.batching import Batcher, JobExpired
+from service.engine import Engine
+from service.metrics import Metrics
+from service.middleware import AdmissionGate
+from tests.service.conftest import make_settings, post, scene_jpeg
+
+
+class SlowModel:
+    """Stages whose every pass sleeps `pass_s` and then waits for `release`; items it embedded are kept."""
+
+    def __init__(self, pass_s: float = 0.0, blocked: bool = True) -> None:
+        self.pass_s = pass_s
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.embedded: list[float] = []
+        if not blocked:
+            self.release.set()
+
+    def encode_pre(self, item: float) -> torch.Tensor:
+        return torch.full((3, 2, 2), item)
+
+    def encode_core(self, batch: torch.Tensor) -> np.ndarray:
+        self.started.set()
+        time.sleep(self.pass_s)
+        assert self.release.wait(20)
+        self.embedded += batch[:, 0, 0, 0].tolist()
+        return batch[:, :, 0, 0].numpy().copy()
+
+    def encode_post(self, item: float, vector: np.ndarray) -> np.ndarray:
+        return vector
+
+
+def wait_for_empty(batcher: Batcher) -> None:
+    # A job's result is set just before its pass is counted done: give the worker that moment.
+    deadline = time.monotonic() + 10
+    while batcher.outstanding and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batcher.outstanding == 0
+
+
+def metric(client: TestClient, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def test_expired_and_cancelled_jobs_are_never_embedded() -> None:
+    drops: list[str] = []
+    model = SlowModel()
+    batcher = Batcher(max_size=8, max_wait_s=0.0, on_drop=drops.append)
+    try:
+        blocker = batcher.submit(model, 1.0)
+        assert model.started.wait(5)  # the worker is inside the first pass; the next jobs queue up
+        expired = batcher.submit(model, 2.0, deadline=time.monotonic() - 1.0)
+        cancelled = batcher.submit(model, 3.0)
+        kept = batcher.submit(model, 4.0, deadline=time.monotonic() + 60.0)
+        assert cancelled.cancel()
+        assert batcher.outstanding == 4
+        model.release.set()
+        assert blocker.result(5)[0] == 1.0 and kept.result(5)[0] == 4.0
+        with pytest.raises(JobExpired):
+            expired.result(5)
+        assert cancelled.cancelled()
+        wait_for_empty(batcher)
+    finally:
+        batcher.close()
+    assert model.embedded == [1.0, 4.0]
+    assert drops == ["expired", "cancelled"]
+    assert batcher.outstanding == 0
+    assert batcher.seconds_per_crop is not None and batcher.seconds_per_crop > 0
+
+
+def test_expected_wait_is_depth_times_time_per_crop() -> None:
+    model = SlowModel(pass_s=0.05, blocked=False)
+    batcher = Batcher(max_size=1, max_wait_s=0.0)
+    try:
+        assert batcher.expected_wait_s() == 0.0  # nothing measured yet: nothing to refuse on
+        batcher.submit(model, 1.0).result(5)
+        wait_for_empty(batcher)  # the pass is timed once it is counted done
+        per_crop = batcher.seconds_per_crop
+        assert per_crop is not None and per_crop >= 0.05  # the pass slept that long for one crop
+        model.release.clear()
+        futures = [batcher.submit(model, float(i)) for i in range(5)]
+        assert batcher.expected_wait_s() == pytest.approx(5 * per_crop, rel=0.5)
+        model.release.set()
+        for future in futures:
+            future.result(5)
+        wait_for_empty(batcher)
+        assert batcher.expected_wait_s() == 0.0
+    finally:
+        batcher.close()
+
+
+@pytest.fixture
+def gated(built: dict[str, Path]) -> Iterator[TestClient]:
+    """The real app with one batch worker (so that a blocked pass blocks the queue) and a 100 ms budget."""
+    settings = make_settings(built["root"], batch_workers=1, queue_budget_ms=100, batch_max_size=1)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_sheds_with_503_when_over_budget_and_admits_once_the_queue_drains(gated: TestClient) -> None:
+    engine: Engine = gated.app.state.engine
+    slow = SlowModel(pass_s=0.05, blocked=False)
+    engine.batcher.submit(slow, 0.0).result(5)  # the first timed pass: >= 50 ms a crop
+    wait_for_empty(engine.batcher)
+    slow.release.clear()
+    slow.started.clear()
+    backlog = [engine.batcher.submit(slow, float(i)) for i in range(1, 6)]  # >= 250 ms of work ahead
+    assert slow.started.wait(5)
+
+    refused = post(gated)
+    assert refused.status_code == 503
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert "overloaded" in refused.json()["detail"] and "STL_QUEUE_BUDGET_MS" in refused.json()["detail"]
+    assert metric(gated, "stl_shed_total", reason="overloaded") == 1.0
+    assert metric(gated, "stl_queue_budget_seconds") == pytest.approx(0.1)
+    assert metric(gated, "stl_queue_depth") == 5.0
+    assert metric(gated, "stl_requests_total", route="/recommend", status="503") == 1.0
+    assert gated.get("/categories").status_code == 200  # only scenes meet the queue's budget
+
+    slow.release.set()
+    for future in backlog:
+        future.result(10)
+    wait_for_empty(engine.batcher)
+    admitted = post(gated)
+    assert admitted.status_code == 200 and admitted.json()["source"] == "embedding"
+    assert slow.embedded == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # the refused scene never reached the model
+
+
+def test_request_timeout_answers_503_and_its_job_is_never_embedded(gated: TestClient) -> None:
+    engine: Engine = gated.app.state.engine
+    slow = SlowModel()  # no pass measured: the queue looks free, so the scene is admitted and waits
+    blocker = engine.batcher.submit(slow, 0.0)
+    assert slow.started.wait(5)
+    answer = gated.post("/recommend", data={"category": "Shoes"}, headers={"X-Request-Timeout-Ms": "150"},
+                        files={"image": ("s.jpg", scene_jpeg(), "image/jpeg")})
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
+    assert "timeout" in answer.json()["detail"]
+    slow.release.set()
+    blocker.result(5)
+    wait_for_empty(engine.batcher)
+    assert metric(gated, "stl_requests_abandoned_total", reason="timeout") == 1.0
+    assert metric(gated, "stl_jobs_dropped_total", reason="cancelled") == 1.0  # dropped before its pass
+    assert metric(gated, "stl_batch_size_count") == 1.0  # only the blocker's pass ran
+
+
+def test_a_scene_whose_deadline_passes_in_the_queue_is_503_not_popularity(gated: TestClient) -> None:
+    engine: Engine = gated.app.state.engine
+    slow = SlowModel()
+    blocker = engine.batcher.submit(slow, 0.0)
+    assert slow.started.wait(5)
+    pending = gated.portal.start_task_soon(
+        lambda: engine.recommend(scene_jpeg(), "Shoes", deadline=time.monotonic() + 0.05))
+    time.sleep(0.2)  # past the deadline while queued behind the blocked pass
+    slow.release.set()
+    blocker.result(5)
+    with pytest.raises(Unavailable, match="deadline"):
+        pending.result(10)
+    assert metric(gated, "stl_jobs_dropped_total", reason="expired") == 1.0
+    assert metric(gated, "stl_fallbacks_total", reason="embedding_failed") == 0.0
+
+
+def test_client_timeout_header_must_be_a_positive_number(gated: TestClient) -> None:
+    for bad in ("soon", "0", "-5", "inf"):
+        answer = gated.get("/categories", headers={"X-Request-Timeout-Ms": bad})
+        assert answer.status_code == 400 and "X-Request-Timeout-Ms" in answer.json()["detail"]
+    assert gated.get("/categories", headers={"X-Request-Timeout-Ms": "2500"}).status_code == 200
+
+
+def test_a_client_that_disconnects_cancels_its_request(tmp_path: Path) -> None:
+    # The same cancellation as a timeout (above: the job is then dropped unembedded), started by the client.
+    metrics = Metrics()
+    admission = Admission(make_settings(tmp_path), metrics)
+    cancelled = asyncio.Event()
+
+    async def app(scope, receive, send) -> None:
+        assert (await receive())["type"] == "http.request"
+        try:
+            await asyncio.sleep(30)  # waiting for its scene's forward pass
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def scenario() -> list[dict]:
+        messages = iter([{"type": "http.request", "body": b"scene", "more_body": False}])
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            message = next(messages, None)
+            if message is None:
+                await asyncio.sleep(0.05)
+                return {"type": "http.disconnect"}  # the client went away before the answer
+            return message
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/recommend", "headers": []}
+        await asyncio.wait_for(AdmissionGate(app, admission)(scope, receive, send), 10)
+        return sent
+
+    assert asyncio.run(scenario()) == []  # nothing sent to nobody
+    assert cancelled.is_set()
+    assert admission.in_flight == 0
+    assert 'stl_requests_abandoned_total{reason="disconnect"} 1.0' in metrics.render().decode()

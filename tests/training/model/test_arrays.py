@@ -1,0 +1,78 @@
+"""The numpy preprocessing is pixel-identical to the torch path, and its geometry errors are the same."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.model import arrays
+from training.model.arrays import to_array
+from training.model.preprocess import Preprocess, bbox_to_pixels, to_tensor
+
+BOXES = [None, (0.25, 0.1, 0.75, 0.9), (0.0, 0.0, 1.0, 1.0), (0.3, 0.3, 0.7, 0.7), (0.9, 0.85, 1.0, 1.0),
+         (0.05, 0.6, 0.31, 0.99)]
+
+
+def _image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
+
+
+@pytest.mark.parametrize("preprocess", [
+    Preprocess(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), context=0.1),
+    Preprocess(37, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), context=0.0),
+    Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), context=0.25),
+])
+def test_to_array_equals_to_tensor_bit_for_bit(preprocess):
+    for seed, (width, height) in enumerate([(80, 60), (333, 517), (640, 427)]):
+        image = _image(width, height, seed)
+        for bbox in BOXES:
+            array = to_array(image, bbox, preprocess)
+            assert array.dtype == np.float32 and array.shape == (3, preprocess.image_size, preprocess.image_size)
+            assert array.flags.c_contiguous
+            assert np.array_equal(array, to_tensor(image, bbox, preprocess).numpy()), (seed, bbox)
+
+
+def test_to_array_is_the_normalised_bilinear_crop():
+    """An independent reference (plain float64 arithmetic), now that to_tensor wraps to_array."""
+    preprocess = Preprocess(48, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), context=0.1)
+    image = _image(200, 150, 7)
+    bbox = (0.2, 0.3, 0.6, 0.8)
+    box = bbox_to_pixels(200, 150, bbox, 0.1)
+    crop = np.asarray(image.crop(box).resize((48, 48), Image.Resampling.BILINEAR), dtype=np.float64)
+    expected = ((crop / 255.0 - np.array(preprocess.mean)) / np.array(preprocess.std)).transpose(2, 0, 1)
+    np.testing.assert_allclose(to_array(image, bbox, preprocess), expected, atol=2e-6)
+
+
+def _pixels_or_error(function, *args):
+    try:
+        return function(*args)
+    except ValueError as exc:
+        return type(exc).__name__, str(exc)
+
+
+def test_bbox_geometry_and_errors_match_preprocess():
+    outcomes = []
+    for bbox in [*BOXES, (0.1, 0.2, 0.1000001, 0.9)]:
+        for context in (0.0, 0.1, 0.5):
+            expected = _pixels_or_error(bbox_to_pixels, 97, 45, bbox, context)
+            assert _pixels_or_error(arrays.bbox_to_pixels, 97, 45, bbox, context) == expected
+            outcomes.append(expected)
+    assert any(outcome[0] == "CropTooSmall" for outcome in outcomes)  # the error path was compared too
+
+
+def test_crop_too_small_is_a_data_error():
+    from training.errors import DataError
+
+    preprocess = Preprocess(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    with pytest.raises(DataError):
+        to_array(_image(100, 100, 0), (0.5, 0.5, 0.51, 0.51), preprocess)
+
+
+def test_arrays_imports_no_torch():
+    code = "import sys, training.model.arrays; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
