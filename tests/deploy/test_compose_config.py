@@ -163,7 +163,8 @@ def test_pyproject_requirements_per_extra(extra: str, wanted: str, unwanted: str
 
 def test_the_serve_extra_installs_no_torch() -> None:
     result = subprocess.run([sys.executable, str(DOCKER_DIR / "pyproject_requirements.py"),
-                             str(REPO_ROOT / "pyproject.toml"), "cpu,serve"], capture_output=True, text=True, timeout=30)
+                             str(REPO_ROOT / "pyproject.toml"), "cpu,serve"], capture_output=True, text=True,
+                            timeout=30)
     assert result.returncode == 0, result.stderr
     names = {re.split(r"[<>=!~\[ ;]", line, maxsplit=1)[0] for line in result.stdout.splitlines()}
     assert {"fastapi", "uvicorn", "openvino", "faiss-cpu"} <= names and not names & {"torch", "torchvision", "timm"}
