@@ -390,10 +390,24 @@ def ensure_base_image(engine: Engine, work: Path, cache_dir: Path = CACHE_DIR) -
     return BASE_IMAGE, False
 
 
-def build_app_image(engine: Engine, base_image: str, log_file: Path) -> None:
-    """The CPU image, as docker-compose.yml would build it, with the classic builder on the host network."""
-    engine.docker("build", "--network", "host", "-f", CPU_DOCKERFILE, "--build-arg", f"BASE_IMAGE={base_image}",
-                  "-t", APP_IMAGE, REPO_ROOT, timeout=1500, log_file=log_file)
+def cpu_images(project: ComposeProject) -> dict[str, str]:
+    """Tag -> PIP_EXTRAS of every CPU image docker-compose.yml builds (the API's and the indexer's may differ)."""
+    config = json.loads(project("config", "--format", "json", timeout=120).stdout)
+    images: dict[str, str] = {}
+    for name in ("indexer", "api"):
+        service = config["services"][name]
+        images[service["image"]] = (service.get("build", {}).get("args") or {}).get("PIP_EXTRAS", "cpu")
+    return images
+
+
+def build_app_images(engine: Engine, base_image: str, project: ComposeProject, log_file: Path) -> dict[str, str]:
+    """The CPU images, as docker-compose.yml would build them, with the classic builder on the host network."""
+    images = cpu_images(project)
+    for number, (tag, extras) in enumerate(images.items()):
+        engine.docker("build", "--network", "host", "-f", CPU_DOCKERFILE, "--build-arg", f"BASE_IMAGE={base_image}",
+                      "--build-arg", f"PIP_EXTRAS={extras}", "-t", tag, REPO_ROOT, timeout=1500,
+                      log_file=log_file.with_name(f"{log_file.stem}-{number}{log_file.suffix}"))
+    return images
 
 
 # --- the stack --------------------------------------------------------------------------------------------
@@ -407,6 +421,7 @@ class ComposeProject:
     name: str
     variables: dict[str, str]
     env_file: Path
+    built: dict[str, str] = field(default_factory=dict)  # image tag -> PIP_EXTRAS, once built
 
     def __call__(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [self.cli, "--project-name", self.name, "--project-directory", REPO_ROOT,

@@ -29,7 +29,7 @@ from tests.deploy.stack import (
     ComposeProject,
     Engine,
     Unavailable,
-    build_app_image,
+    build_app_images,
     ensure_base_image,
     ensure_compose_cli,
     ensure_host_packages,
@@ -68,9 +68,10 @@ def _teardown(project: ComposeProject | None, engine: Engine, root: Path, timing
             project("down", "--volumes", "--rmi", "all", "--timeout", "20", timeout=300, check=False)
         containers = engine.docker("ps", "--all", "--quiet", check=False).stdout.split()
         volumes = engine.docker("volume", "ls", "--quiet", check=False).stdout.split()
-        app_images = engine.docker("images", "--quiet", APP_IMAGE, check=False).stdout.split()
         leftovers += [f"container {c}" for c in containers] + [f"volume {v}" for v in volumes]
-        leftovers += [f"image {APP_IMAGE} ({i})" for i in app_images]
+        for tag in {APP_IMAGE, *project.built}:
+            found = engine.docker("images", "--quiet", tag, check=False).stdout.split()
+            leftovers += [f"image {tag} ({i})" for i in found]
     with stage(timings, "engine stop"):
         engine.stop()
     leftovers += [f"mount {point}" for point in leftover_mounts(root)]
@@ -104,9 +105,6 @@ def stack() -> Iterator[Stack]:
         with stage(timings, "base image"):
             base, cached = ensure_base_image(engine, work)
         timings["base image from cache"] = float(cached)
-        with stage(timings, "app image build"):
-            build_app_image(engine, base, work / "app-build.log")
-
         port = free_port()
         env_file = work / "empty.env"
         env_file.write_text("")
@@ -118,6 +116,11 @@ def stack() -> Iterator[Stack]:
             "STL_DEVICE": "cpu",
             "STL_ADMIN_TOKEN": ADMIN_TOKEN,
         }, env_file)
+        with stage(timings, "app image build"):
+            project.built = build_app_images(engine, base, project, work / "app-build.log")
+        for tag in project.built:  # reported in the terminal summary: the API image's size is a target
+            size = engine.docker("image", "inspect", "--format", "{{.Size}}", tag).stdout.strip()
+            timings[f"image {tag} MB"] = round(int(size) / 1e6)
         result = Stack(project, engine, f"http://127.0.0.1:{port}", work, timings)
         try:
             # Blocks until the indexer job has exited 0 (depends_on: service_completed_successfully).
