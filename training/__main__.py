@@ -12,6 +12,8 @@ COMMANDS = {
     "features": ("training.cli.features", "extract and cache frozen-backbone features"),
     "train": ("training.cli.train", "train the embedding head on cached features"),
     "evaluate": ("training.cli.evaluate", "HR@K and binary accuracy of models on the test split"),
+    "train-detector": ("training.cli.train_detector", "train the item detector on cached backbone pyramids"),
+    "evaluate-detector": ("training.cli.evaluate_detector", "mAP and end-to-end HR@K of the item detector"),
 }
 
 

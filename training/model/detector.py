@@ -1,0 +1,368 @@
+"""The item detector: the frozen backbone's multi-scale feature maps -> FPN -> torchvision's FCOS head.
+
+Shop the whole look without drawing a box: `Detector.detect(images)` returns, per image, the items it finds
+(normalised `[left, top, right, bottom]` box, full category path, score), best first. Only the FPN and the
+FCOS head train; the backbone is the same frozen ImageNet model the embedder uses, so its pyramid can be
+cached once per (backbone, preprocessing) (`training.fit.detector`).
+
+A whole scene is resized to a square `image_size` (the embedder's own `to_tensor` with no bbox), so a
+normalised box on the network's input is the same normalised box on the original photo.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.fcos import FCOS, FCOSHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import FeaturePyramidNetwork
+
+from training.data.stl import BBox
+from training.errors import DataError, ModelMismatch
+from training.io import atomic_path, file_sha256
+from training.model.backbones import Backbone, load_backbone
+from training.model.device import resolve_device
+from training.model.embedder import freeze_for_cpu
+from training.model.preprocess import Preprocess, to_tensor
+
+LOG = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+# Measured on the synthetic catalogue at 320 px only (benchmarks/bench_detector.py); 416 and 512 px, which
+# should help the smallest items (earrings, sunglasses), are not compared yet.
+DEFAULT_IMAGE_SIZE = 320
+
+
+class DetectorMismatch(ModelMismatch):
+    """A detector checkpoint does not fit the backbone found here, or is not a detector checkpoint."""
+
+
+@dataclass(frozen=True)
+class Detection:
+    bbox: BBox  # normalised [left, top, right, bottom]
+    category: str  # full category path
+    score: float
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """The detector's architecture; saved in its checkpoint and read back through `from_dict`."""
+
+    image_size: int = DEFAULT_IMAGE_SIZE
+    fpn_channels: int = 64  # FPN and head width: 64 keeps an epoch on 2 CPU cores near a minute
+    head_convs: int = 2  # conv layers in each FCOS tower (torchvision's default is 4)
+    center_sampling_radius: float = 1.5
+
+    def __post_init__(self) -> None:
+        if self.image_size < 32:
+            raise DataError(f"image_size must be at least 32, got {self.image_size}")
+        if self.fpn_channels < 16 or self.fpn_channels % 16:
+            raise DataError(f"fpn_channels must be a positive multiple of 16 (GroupNorm), got {self.fpn_channels}")
+        if self.head_convs < 0:
+            raise DataError(f"head_convs must be >= 0, got {self.head_convs}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> DetectorConfig:
+        return cls(**raw)
+
+
+# ---------------------------------------------------------------- the backbone's pyramid
+
+@dataclass(frozen=True)
+class PyramidSpec:
+    strides: tuple[int, ...]
+    channels: tuple[int, ...]
+
+
+class _Lite0Pyramid(nn.Module):
+    """EfficientNet-Lite0 (timm) up to its last stage, returning stages 3, 5 and 7 (strides 8, 16, 32)."""
+
+    TAPS = (2, 4, 6)
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.conv_stem, self.bn1, self.blocks = model.conv_stem, model.bn1, model.blocks
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.bn1(self.conv_stem(images))
+        outputs = []
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if index in self.TAPS:
+                outputs.append(x)
+        return tuple(outputs)
+
+
+class _ResNetPyramid(nn.Module):
+    """torchvision ResNet-50 layers 2-4 (strides 8, 16, 32)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1)
+        self.layer2, self.layer3, self.layer4 = model.layer2, model.layer3, model.layer4
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        c3 = self.layer2(self.stem(images))
+        c4 = self.layer3(c3)
+        return c3, c4, self.layer4(c4)
+
+
+class _TinyPyramid(nn.Module):
+    """The test backbone's two conv layers (strides 2 and 4)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.first, self.second = model.layers[0:2], model.layers[2:4]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        c1 = self.first(images)
+        return c1, self.second(c1)
+
+
+_PYRAMIDS: dict[str, tuple[type[nn.Module], PyramidSpec]] = {
+    "efficientnet_lite0": (_Lite0Pyramid, PyramidSpec((8, 16, 32), (40, 112, 320))),
+    "resnet50": (_ResNetPyramid, PyramidSpec((8, 16, 32), (512, 1024, 2048))),
+    "tiny": (_TinyPyramid, PyramidSpec((2, 4), (16, 32))),
+}
+
+
+def pyramid_spec(backbone_name: str) -> PyramidSpec:
+    if backbone_name not in _PYRAMIDS:
+        raise DataError(f"backbone {backbone_name!r} has no feature pyramid for detection; "
+                        f"supported: {sorted(_PYRAMIDS)}")
+    return _PYRAMIDS[backbone_name][1]
+
+
+def build_pyramid(backbone: Backbone) -> nn.Module:
+    """The frozen backbone's own modules (same weights, nothing re-loaded) wired to return its pyramid."""
+    pyramid_spec(backbone.name)
+    module = _PYRAMIDS[backbone.name][0](backbone.model).eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module
+
+
+def detection_preprocess(backbone: Backbone, image_size: int) -> Preprocess:
+    """Whole-scene preprocessing: the backbone's normalisation at the detector's resolution, no crop."""
+    return Preprocess(image_size, backbone.mean, backbone.std, context=0.0)
+
+
+# ---------------------------------------------------------------- FPN + FCOS head
+
+class _Neck(nn.Module):
+    """FPN over the cached pyramid; `out_channels` is what torchvision's FCOS asks of a backbone."""
+
+    def __init__(self, in_channels: Sequence[int], out_channels: int) -> None:
+        super().__init__()
+        self.fpn = FeaturePyramidNetwork(list(in_channels), out_channels)
+        self.out_channels = out_channels
+
+    def forward(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return list(self.fpn(OrderedDict((str(i), level) for i, level in enumerate(maps))).values())
+
+
+class DetectorNet(nn.Module):
+    """The trainable part: FPN + FCOS head, on pyramid maps (from the backbone or the feature cache).
+
+    torchvision's `FCOS` holds the head, the point generator, the target assignment (centre sampling, scale
+    ranges per level), the losses (focal, GIoU, centre-ness) and the post-processing (top-k, NMS); this
+    class calls those pieces on feature maps instead of images, since the backbone is not part of it.
+    """
+
+    def __init__(self, spec: PyramidSpec, num_classes: int, config: DetectorConfig) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise DataError("a detector needs at least one category")
+        self.spec, self.config = spec, config
+        sizes = tuple((stride,) for stride in spec.strides)  # FCOS: one point per location, size = stride
+        anchors = AnchorGenerator(sizes, ((1.0,),) * len(sizes))
+        neck = _Neck(spec.channels, config.fpn_channels)
+        head = FCOSHead(config.fpn_channels, 1, num_classes, num_convs=config.head_convs)
+        self.fcos = FCOS(neck, num_classes, anchor_generator=anchors, head=head,
+                         center_sampling_radius=config.center_sampling_radius)
+        self._postprocess_lock = threading.Lock()
+
+    def _heads(self, maps: Sequence[torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], list]:
+        features = self.fcos.backbone(maps)
+        outputs = self.fcos.head(features)
+        size = self.config.image_size
+        # The point generator reads only the batch's shape: an expanded scalar costs no memory.
+        images = ImageList(features[0].new_zeros(()).expand(len(features[0]), 3, size, size),
+                           [(size, size)] * len(features[0]))
+        return outputs, features, self.fcos.anchor_generator(images, features)
+
+    def loss(self, maps: Sequence[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """FCOS losses; targets hold `boxes` (pixels of the square input, xyxy) and `labels` (category index)."""
+        outputs, features, anchors = self._heads(maps)
+        per_level = [level.shape[2] * level.shape[3] for level in features]
+        return self.fcos.compute_loss(targets, outputs, anchors, per_level)
+
+    def predict(self, maps: Sequence[torch.Tensor], score_threshold: float, nms_threshold: float,
+                max_detections: int) -> list[dict[str, torch.Tensor]]:
+        """Boxes (input pixels), scores and labels per image after FCOS's top-k and class-wise NMS."""
+        outputs, features, anchors = self._heads(maps)
+        per_level = [level.shape[2] * level.shape[3] for level in features]
+        split = {key: list(value.split(per_level, dim=1)) for key, value in outputs.items()}
+        split_anchors = [list(a.split(per_level)) for a in anchors]
+        size = self.config.image_size
+        with self._postprocess_lock:  # FCOS reads its thresholds from attributes
+            self.fcos.score_thresh, self.fcos.nms_thresh = score_threshold, nms_threshold
+            self.fcos.detections_per_img = max_detections
+            return self.fcos.postprocess_detections(split, split_anchors, [(size, size)] * len(features[0]))
+
+
+@torch.inference_mode()
+def detect_on_maps(net: DetectorNet, maps: Sequence[torch.Tensor], categories: Sequence[str],
+                   score_threshold: float = 0.3, nms_threshold: float = 0.6,
+                   max_detections: int = 20) -> list[list[Detection]]:
+    """Per image, its `Detection`s sorted by score (highest first); the net runs in eval mode and is given
+    back in the mode it was in (a trainer validating mid-epoch)."""
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    try:
+        raw = net.predict([level.to(device, torch.float32) for level in maps], score_threshold, nms_threshold,
+                          max_detections)
+    finally:
+        net.train(was_training)
+    size = float(net.config.image_size)
+    results = []
+    for image in raw:
+        boxes = (image["boxes"].float().cpu() / size).clamp_(0.0, 1.0).tolist()
+        scores, labels = image["scores"].float().cpu(), image["labels"].cpu().tolist()
+        order = torch.argsort(scores, descending=True, stable=True).tolist()
+        results.append([Detection(tuple(boxes[i]), categories[labels[i]], float(scores[i])) for i in order])
+    return results
+
+
+# ---------------------------------------------------------------- inference wrapper and checkpoint
+
+@dataclass
+class DetectorCheckpoint:
+    config: DetectorConfig
+    categories: list[str]  # label index -> full category path
+    state_dict: dict[str, torch.Tensor]
+    backbone_name: str
+    backbone_weights_sha256: str
+    preprocess: Preprocess
+    train_config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    data_fingerprint: str = ""
+    sha256: str | None = None
+
+
+def save_detector(path: str | Path, checkpoint: DetectorCheckpoint) -> str:
+    """Write atomically (temp file + rename); return the file's sha256."""
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "kind": "detector",
+        "config": checkpoint.config.to_dict(),
+        "categories": list(checkpoint.categories),
+        "state_dict": {key: value.detach().cpu() for key, value in checkpoint.state_dict.items()},
+        "backbone": {"name": checkpoint.backbone_name, "weights_sha256": checkpoint.backbone_weights_sha256},
+        "preprocess": checkpoint.preprocess.to_dict(),
+        "train_config": checkpoint.train_config,
+        "metrics": checkpoint.metrics,
+        "data_fingerprint": checkpoint.data_fingerprint,
+    }
+    with atomic_path(path) as temp:
+        torch.save(payload, temp)
+    return file_sha256(path)
+
+
+def read_detector_checkpoint(path: str | Path) -> DetectorCheckpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"detector checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)  # data, never code
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise DetectorMismatch(f"{path} is not a readable detector checkpoint: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("kind") != "detector" \
+            or payload.get("format_version") != FORMAT_VERSION:
+        raise DetectorMismatch(f"{path} is not a detector checkpoint of format {FORMAT_VERSION}")
+    try:
+        return DetectorCheckpoint(
+            config=DetectorConfig.from_dict(payload["config"]),
+            categories=list(payload["categories"]),
+            state_dict=payload["state_dict"],
+            backbone_name=payload["backbone"]["name"],
+            backbone_weights_sha256=payload["backbone"]["weights_sha256"],
+            preprocess=Preprocess.from_dict(payload["preprocess"]),
+            train_config=payload.get("train_config", {}),
+            metrics=payload.get("metrics", {}),
+            data_fingerprint=payload.get("data_fingerprint", ""),
+            sha256=file_sha256(path),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DetectorMismatch(f"{path} is an incomplete detector checkpoint: {exc!r}") from exc
+
+
+class Detector:
+    """Frozen backbone pyramid + trained FPN/FCOS head on one device: PIL images in, `Detection`s out."""
+
+    def __init__(self, backbone: Backbone, net: DetectorNet, categories: Sequence[str],
+                 device: str | torch.device = "auto", freeze: bool = True) -> None:
+        if len(categories) != net.fcos.head.classification_head.num_classes:
+            raise DetectorMismatch(f"{len(categories)} categories for a head of "
+                                   f"{net.fcos.head.classification_head.num_classes} classes")
+        self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        self.backbone = backbone
+        self.config = net.config
+        self.categories = list(categories)
+        self.preprocess = detection_preprocess(backbone, net.config.image_size)
+        self.pyramid = build_pyramid(backbone).to(self.device)
+        if self.device.type == "cpu" and freeze:
+            self.pyramid = freeze_for_cpu(self.pyramid, net.config.image_size, torch.contiguous_format)
+        self.net = net.to(self.device).eval()
+
+    def transform(self, image: Image.Image) -> torch.Tensor:
+        return to_tensor(image, None, self.preprocess)
+
+    @torch.inference_mode()
+    def pyramid_maps(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen backbone's pyramid (float32, on the CPU) of a batch from `transform`."""
+        maps = self.pyramid(batch.to(self.device))
+        return [level.float().cpu() for level in maps]
+
+    def detect_maps(self, maps: Sequence[torch.Tensor], score_threshold: float = 0.3, nms_threshold: float = 0.6,
+                    max_detections: int = 20) -> list[list[Detection]]:
+        """Detections from pyramid maps (what training's validation runs on cached maps)."""
+        return detect_on_maps(self.net, maps, self.categories, score_threshold, nms_threshold, max_detections)
+
+    def detect(self, images: Sequence[Image.Image], score_threshold: float = 0.3, nms_threshold: float = 0.6,
+               max_detections: int = 20) -> list[list[Detection]]:
+        """Per image, its detections sorted by score (highest first)."""
+        if not images:
+            return []
+        batch = torch.stack([self.transform(image) for image in images])
+        return self.detect_maps(self.pyramid_maps(batch), score_threshold, nms_threshold, max_detections)
+
+
+def load_detector(path: str | Path, device: str | torch.device = "auto",
+                  backbone_weights: str | Path | None = None, freeze: bool = True) -> Detector:
+    """The detector a checkpoint describes, on its backbone (checked against the weights found here)."""
+    checkpoint = read_detector_checkpoint(path)
+    backbone = load_backbone(checkpoint.backbone_name, backbone_weights)
+    if backbone.weights_sha256 != checkpoint.backbone_weights_sha256:
+        raise DetectorMismatch(f"detector {path} was trained on other {backbone.name} weights "
+                               f"({checkpoint.backbone_weights_sha256[:12]} vs {backbone.weights_sha256[:12]})")
+    net = DetectorNet(pyramid_spec(backbone.name), len(checkpoint.categories), checkpoint.config)
+    net.load_state_dict(checkpoint.state_dict)
+    detector = Detector(backbone, net, checkpoint.categories, device, freeze=freeze)
+    if detector.preprocess != checkpoint.preprocess:
+        raise DetectorMismatch(f"detector {path} was trained with preprocessing {checkpoint.preprocess.to_dict()}, "
+                               f"but {backbone.name} preprocesses as {detector.preprocess.to_dict()}")
+    return detector
