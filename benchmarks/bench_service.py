@@ -1,6 +1,7 @@
 """Service benchmark: real uvicorn in a subprocess, an httpx async load generator, the bare embedder beside it.
 
-    .venv/bin/python benchmarks/bench_service.py [--rounds 6] [--requests 400] [--threads 2] [--backbone resnet50]
+    .venv/bin/python benchmarks/bench_service.py [--runtime auto] [--rounds 6] [--requests 400] [--threads 2]
+        [--backbone resnet50]
 
 Builds an efficientnet_lite0 + head artifact whose 38,111 products (the real catalogue's size and
 category mix) have random unit vectors, then serves it and measures latency/throughput at
@@ -11,6 +12,12 @@ c=32 loads, and the network forward alone on ready tensors is reported beside it
 and writes them to benchmarks/results/service.json. `--backbone resnet50` serves the paper's backbone
 instead, with random weights (none can be downloaded; the timing does not depend on them), and writes
 service_resnet50.json.
+
+The artifact carries an exported model (as `python -m index build` publishes it), and the service runs
+it with `--runtime` (auto: OpenVINO on a CPU); the bare side is that same runtime, fed the same
+`to_array` crops. Unless the runtime is torch, a second server serves the same artifact with
+STL_RUNTIME=torch, and c=1 / c=32 rounds alternate between the two servers: targets p50(c=1) <= 0.6x
+torch's, throughput(c=32) >= 1.6x torch's, peak RSS <= 500 MiB.
 
     .venv/bin/python benchmarks/bench_service.py --overload [--overload-seconds 30] [--soak-minutes 2]
 
@@ -40,6 +47,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Coroutine
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,22 +57,27 @@ import torch
 from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 
+from index.artifact import open_artifact
 from index.manifest import Provenance
 from index.publish import publish, staging_dir
-from index.writer import CategoryData, new_version, write_version
+from index.writer import CategoryData, new_version, stage_export, write_version
 from service.launch import ServiceNotReady, wait_until_ready
 from service.process import retain_freed_memory
 from service.settings import Settings
 from training.data.popularity import Popularity
 from training.data.stl import CategoryMap
 from training.data.synth.plan import FALLBACK_CATEGORIES
+from training.model.arrays import load_image_for, to_array
 from training.model.backbones import load_backbone
 from training.model.checkpoint import Checkpoint, load_embedder, save_checkpoint
 from training.model.embedder import Embedder
+from training.model.export import MIN_COSINE, check_export_runtimes, export_embedder
 from training.model.head import CompatibilityHead, HeadConfig
 from training.model.preprocess import Preprocess
+from training.model.runtimes import Runtime, load_runtime, resolve_name
 
 LOG = logging.getLogger(__name__)
+PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # STL_PRECISION -> the runtimes' names
 RESULTS = Path(__file__).parent / "results" / "service.json"
 # The real STL fashion catalogue (../shared/stl/fashion-cat.json): 38,111 products in these categories.
 STL_CATEGORY_MIX = dict(FALLBACK_CATEGORIES)
@@ -99,7 +112,8 @@ def make_checkpoint(path: Path, seed: int = 0, backbone_name: str = "efficientne
 
 
 def make_artifact(root: Path, checkpoint: Path, embedder: Embedder, seed: int = 0) -> str:
-    """Publish a version with random unit vectors for the STL catalogue's category mix (no images needed)."""
+    """Publish a version with random unit vectors for the STL catalogue's category mix (no images needed),
+    and the embedder exported beside them (checked against torch, as the index build does)."""
     rng = np.random.default_rng(seed)
     categories, products, product_to_path = [], [], {}
     for c, (path, count) in enumerate(STL_CATEGORY_MIX.items()):
@@ -113,8 +127,14 @@ def make_artifact(root: Path, checkpoint: Path, embedder: Embedder, seed: int = 
     popularity = Popularity(counts, CategoryMap(product_to_path))
     version = new_version("bench-service")
     staging = staging_dir(root, version)
-    write_version(staging, version, categories, embedder.fingerprint(), checkpoint, popularity, products,
-                  Provenance(operation="bench"))
+    root.mkdir(parents=True, exist_ok=True)
+    # Beside the versions, so the export's files are hard-linked into the version (as index/build.py does).
+    with tempfile.TemporaryDirectory(prefix="stl-bench-export-", dir=root) as export_dir:
+        export_embedder(embedder, export_dir)
+        checked = check_export_runtimes(embedder, export_dir)
+        write_version(staging, version, categories, embedder.fingerprint(), checkpoint, popularity, products,
+                      Provenance(operation="bench"),
+                      export=partial(stage_export, source=Path(export_dir), checked=checked, min_cosine=MIN_COSINE))
     publish(root, staging)
     return version
 
@@ -142,27 +162,26 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
 
 
 class Bare:
-    """The embedder called directly, as the service calls it but with no HTTP, queue or threads.
+    """The runtime called directly, as the service calls it but with no HTTP, queue or threads.
 
-    `embed(n)` is what the service asks of the embedder for one request: decode the upload, crop the
-    bbox (with context), resize, normalise, forward, head. `forward` is the network alone on a crop
-    that is already a tensor. Both run here, in the benchmark's only torch thread.
+    `embed(n)` is what the service asks of the runtime for one request: decode the upload, crop the
+    bbox (with context), resize, normalise (`to_array`), forward, head. `forward` is the network alone on
+    a crop that is already an array. Both run here, on the benchmark's main thread.
     """
 
-    def __init__(self, embedder: Embedder, images: list[bytes]) -> None:
-        self.embedder, self.images = embedder, images
+    def __init__(self, runtime: Runtime, preprocess: Preprocess, images: list[bytes]) -> None:
+        self.runtime, self.preprocess, self.images = runtime, preprocess, images
         self.crop = self.make_crop(0)
 
-    def make_crop(self, n: int) -> torch.Tensor:
+    def make_crop(self, n: int) -> np.ndarray:
         box = parse_box(BBOXES[n % len(BBOXES)])
-        return self.embedder.transform(self.embedder.load_image(self.images[n % len(self.images)], box), box)
+        return to_array(load_image_for(self.images[n % len(self.images)], box, self.preprocess), box, self.preprocess)
 
     def embed(self, count: int, start: int = 0) -> None:
-        crops = torch.stack([self.make_crop(start + i) for i in range(count)])
-        self.embedder.embed_batch(crops, "scene")
+        self.runtime.vectors(np.stack([self.make_crop(start + i) for i in range(count)]), "scene")
 
     def forward(self, count: int) -> None:
-        self.embedder.embed_batch(self.crop[None].expand(count, -1, -1, -1).contiguous(), "scene")
+        self.runtime.vectors(np.ascontiguousarray(np.broadcast_to(self.crop, (count, *self.crop.shape))), "scene")
 
     def one_ms(self, repeats: int) -> tuple[float, float]:
         """Median ms of (embed one request, forward one crop) over `repeats` calls each."""
@@ -190,7 +209,8 @@ class Bare:
         start = threading.Barrier(callers + 1)
 
         def caller(n: int) -> None:
-            torch.set_num_threads(1)  # this thread's own setting; the main thread keeps its threads
+            if callers > 1:
+                torch.set_num_threads(1)  # this thread's own setting; the main thread keeps its threads
             self.embed(size, n)
             start.wait()
             while time.perf_counter() < deadline:
@@ -343,7 +363,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--requests", type=int, default=400, help="requests at c=8")
     parser.add_argument("--seconds", type=float, default=90.0, help="time limit of one load run")
     parser.add_argument("--bare-seconds", type=float, default=1.5, help="time per bare batched measurement")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="forward-pass threads (STL_TORCH_THREADS and STL_RUNTIME_THREADS)")
+    parser.add_argument("--runtime", choices=("auto", "openvino", "onnxruntime", "torch"), default="auto",
+                        help="the service's STL_RUNTIME (auto: OpenVINO on a CPU); unless torch, a second server "
+                             "with STL_RUNTIME=torch is measured beside it")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="the service's STL_PRECISION")
     parser.add_argument("--batch-max-size", type=int, default=Settings.model_fields["batch_max_size"].default,
                         help="STL_BATCH_MAX_SIZE (default: the service's default)")
     parser.add_argument("--batch-max-wait-ms", type=float, default=2.0)
@@ -361,12 +386,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def start_server(root: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(root: Path, args: argparse.Namespace, runtime: str | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "STL_ARTIFACTS": str(root), "STL_DEVICE": "cpu", "STL_LOG_LEVEL": "WARNING",
+           "STL_RUNTIME": runtime or args.runtime, "STL_PRECISION": args.precision,
            **({"STL_BACKBONE_WEIGHTS": str(args.backbone_weights)} if args.backbone_weights else {}),
-           "STL_TORCH_THREADS": str(args.threads), "STL_BATCH_MAX_SIZE": str(args.batch_max_size),
+           "STL_TORCH_THREADS": str(args.threads), "STL_RUNTIME_THREADS": str(args.threads),
+           "STL_BATCH_MAX_SIZE": str(args.batch_max_size),
            "STL_BATCH_MAX_WAIT_MS": str(args.batch_max_wait_ms)}
     env.pop("STL_ADMIN_TOKEN", None)
     server = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)], env=env)
@@ -377,7 +404,30 @@ def start_server(root: Path, args: argparse.Namespace) -> tuple[subprocess.Popen
         raise
     ready = httpx.get(f"{url}/readyz").json()
     assert ready["status"] == "ready", ready
+    print(f"server on {url}: runtime {ready['runtime']}, torch loaded: {ready['torch_loaded']}")
     return server, url
+
+
+def compare(servers: dict[str, str], images: list[bytes], args: argparse.Namespace) -> dict[str, dict]:
+    """c=1 p50 and c=32 throughput of each server (runtime -> url), the servers taking turns round by round
+    so that a shared machine's drift falls on both alike."""
+    bodies = {name: request_bodies(url, images) for name, url in servers.items()}
+    rows: dict[str, dict[str, list[float]]] = {name: {"c1_p50_ms": [], "c32_rps": []} for name in servers}
+    for name, url in servers.items():
+        run_load(load(url, bodies[name], 4, 16, 30))  # warm-up
+    for n in range(args.rounds):
+        for name, url in servers.items():
+            settle()
+            run = run_load(load(url, bodies[name], 1, args.c1_requests, args.seconds))
+            rows[name]["c1_p50_ms"].append(statistics.median(run["latencies"]) * 1000)
+            settle()
+            run = run_load(load(url, bodies[name], 32, args.c32_requests, args.seconds))
+            rows[name]["c32_rps"].append(len(run["latencies"]) / run["wall"])
+        print(f"  compare round {n + 1}: " + "; ".join(
+            f"{name} c=1 p50 {row['c1_p50_ms'][-1]:.1f} ms, c=32 {row['c32_rps'][-1]:.1f} req/s"
+            for name, row in rows.items()))
+    return {name: {**row, "c1_p50_ms_median": statistics.median(row["c1_p50_ms"]),
+                   "c32_rps_median": statistics.median(row["c32_rps"])} for name, row in rows.items()}
 
 
 def measure(url: str, bare: Bare, best: int, args: argparse.Namespace) -> tuple[list[dict], list[dict], list[dict]]:
@@ -405,7 +455,7 @@ def measure(url: str, bare: Bare, best: int, args: argparse.Namespace) -> tuple[
             elif concurrency == 32:
                 embed_rate, forward_rate = bare.batched(best, args.bare_seconds)
                 settle()
-                workers_rate = bare.parallel(args.batch_max_size, args.bare_seconds, args.threads)
+                workers_rate = bare.parallel(args.batch_max_size, args.bare_seconds, args.workers)
                 settle()
                 run = run_load(load(url, bodies, 32, args.c32_requests, args.seconds))
                 settle()
@@ -655,7 +705,14 @@ def main(argv: list[str] | None = None) -> int:
         version = make_artifact(root, checkpoint, embedder)
         print(f"artifact {version}: {sum(STL_CATEGORY_MIX.values())} products in {len(STL_CATEGORY_MIX)} categories "
               f"({time.perf_counter() - started:.1f} s)")
-        bare = Bare(embedder, scene_images(8))
+        args.runtime_resolved = resolve_name(args.runtime, "cpu", embedder)
+        # The service's batch workers (service/engine.py): one per thread with torch, one for OpenVINO / ORT.
+        args.workers = args.threads if args.runtime_resolved == "torch" else 1
+        export_dir = open_artifact(root).export_dir
+        runtime = (load_runtime("torch", embedder=embedder) if args.runtime_resolved == "torch" else
+                   load_runtime(args.runtime_resolved, export_dir, PRECISIONS[args.precision],  # type: ignore[arg-type]
+                                threads=args.threads))
+        bare = Bare(runtime, embedder.preprocess, scene_images(8))
         bare.one_ms(10)  # warm-up
         # Two passes over the sizes, averaged: one pass can catch a slow moment of a shared machine at one
         # size and pick the wrong best (and so the wrong reference for the c=32 ratio).
@@ -667,17 +724,29 @@ def main(argv: list[str] | None = None) -> int:
             f"{size}: {embed:.0f} / {forward:.0f}" for size, (embed, forward) in sweep.items()) + f"; best {best}")
 
         server, url = start_server(root, args)
+        reference = None
         try:
             idle = memory_kib(server.pid)
             levels, c1_rounds, c32_rounds = measure(url, bare, best, args)
             loaded = memory_kib(server.pid)
+            versus: dict[str, dict] = {}
+            if args.runtime_resolved != "torch":
+                reference = start_server(root, args, runtime="torch")
+                versus = compare({args.runtime_resolved: url, "torch": reference[1]}, bare.images, args)
+                versus["torch"]["rss_mib"] = {"idle": None, **{
+                    key: value / 1024 for key, value in memory_kib(reference[0].pid).items()}}
+                versus[args.runtime_resolved]["rss_mib"] = {
+                    key: value / 1024 for key, value in memory_kib(server.pid).items()}
             load_average = os.getloadavg()
         finally:
-            server.terminate()
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            for process in (server, reference[0] if reference else None):
+                if process is None:
+                    continue
+                process.terminate()
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
 
     rss_mib = {"idle": idle["VmRSS"] / 1024, "after_load": loaded["VmRSS"] / 1024, "peak": loaded["VmHWM"] / 1024}
 
@@ -706,9 +775,24 @@ def main(argv: list[str] | None = None) -> int:
         "throughput_c32_over_bare_workers": median(c32_rounds, "over_workers"),
         "bare_workers_crops_per_s": median(c32_rounds, "bare_workers_crops_per_s"),
     }
+    rss_target = 1536 if args.runtime_resolved == "torch" else 500
+    targets["peak_rss_target_max_mib"] = rss_target
     targets["met"] = bool(targets["p50_c1_over_bare_embed"] <= 1.2
                           and targets["throughput_c32_over_bare_batched_embed"] >= 0.85
-                          and rss_mib["peak"] <= 1536 and targets["errors"] == 0)
+                          and rss_mib["peak"] <= rss_target and targets["errors"] == 0)
+    if versus:
+        mine, torch_side = versus[args.runtime_resolved], versus["torch"]
+        targets["p50_c1_over_torch"] = mine["c1_p50_ms_median"] / torch_side["c1_p50_ms_median"]
+        targets["p50_c1_over_torch_target_max"] = 0.6
+        targets["throughput_c32_over_torch"] = mine["c32_rps_median"] / torch_side["c32_rps_median"]
+        targets["throughput_c32_over_torch_target_min"] = 1.6
+        targets["met"] = bool(targets["met"] and targets["p50_c1_over_torch"] <= 0.6
+                              and targets["throughput_c32_over_torch"] >= 1.6)
+        print(f"{args.runtime_resolved} vs torch (alternating rounds, medians): c=1 p50 "
+              f"{mine['c1_p50_ms_median']:.1f} vs {torch_side['c1_p50_ms_median']:.1f} ms = "
+              f"{targets['p50_c1_over_torch']:.2f}x (target <= 0.6); c=32 {mine['c32_rps_median']:.1f} vs "
+              f"{torch_side['c32_rps_median']:.1f} req/s = {targets['throughput_c32_over_torch']:.2f}x "
+              f"(target >= 1.6); peak RSS {mine['rss_mib']['VmHWM']:.0f} vs {torch_side['rss_mib']['VmHWM']:.0f} MiB")
     print(f"server RSS: idle {rss_mib['idle']:.0f} MiB, after load {rss_mib['after_load']:.0f} MiB, "
           f"peak {rss_mib['peak']:.0f} MiB")
     print(f"bare embedder (decode+crop+forward): one request {targets['bare_embed_one_ms']:.1f} ms, batched "
@@ -719,13 +803,14 @@ def main(argv: list[str] | None = None) -> int:
           f"(target >= 0.85)  [medians over {args.rounds} rounds]")
     print(f"against the forward pass alone: {targets['p50_c1_over_bare_forward']:.2f} and "
           f"{targets['throughput_c32_over_bare_batched_forward']:.2f}; throughput(c=32) against the embedder run "
-          f"as the batch workers run it ({args.threads} single-threaded callers, "
+          f"as the batch workers run it ({args.workers} caller(s), "
           f"{targets['bare_workers_crops_per_s']:.1f} crops/s): {targets['throughput_c32_over_bare_workers']:.2f}")
     results = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
                     "load_average_at_end": load_average,
                     "torch": torch.__version__, "gpu": torch.cuda.is_available()},
         "setup": {"backbone": args.backbone, "head": f"{embedder.backbone.dim}-512-128",
+                  "runtime": args.runtime_resolved, "precision": args.precision, "batch_workers": args.workers,
                   "products": sum(STL_CATEGORY_MIX.values()),
                   "categories": len(STL_CATEGORY_MIX), "scene_size": [640, 480], "k": 10,
                   "batch_max_size": args.batch_max_size, "batch_max_wait_ms": args.batch_max_wait_ms,
@@ -736,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         "c32_rounds": c32_rounds,
         "levels": levels,
         "server_rss_mib": rss_mib,
+        "versus_torch": versus,
         "targets": targets,
     }
     out = args.out or (RESULTS if args.backbone == "efficientnet_lite0"

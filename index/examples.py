@@ -19,7 +19,7 @@ import numpy as np
 
 from training.data.stl import BBox, Pair, STLDataset
 from training.io import copy_atomic, write_bytes_atomic, write_json_atomic
-from training.model.preprocess import load_image
+from training.model.arrays import load_image
 
 LOG = logging.getLogger(__name__)
 

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.access import AccessError
     from service.app import create_app
     from service.server import serve
+    from training.model.runtimes import RuntimeUnavailable
 
     # Steady forward passes without page faults (service/process.py): 71-74 -> 88-96 req/s at
     # concurrency 32 on 2 cores, for the server starts that used to land in glibc's slow state.
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app = create_app(settings)
-    except AccessError as exc:
+    except (AccessError, RuntimeUnavailable) as exc:
         print(f"invalid configuration: {exc}", file=sys.stderr)
         return 2
     # Exits 0 after a SIGTERM once what was admitted is answered (service/server.py).

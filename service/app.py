@@ -13,6 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from service.access import Access
 from service.admission import Admission, Unavailable
+from service.encoder import check_precision_available
 from service.engine import Engine
 from service.examples import examples_router
 from service.images import BadInput
@@ -38,8 +39,10 @@ DESCRIPTION = (
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service app; nothing is loaded until its lifespan starts (TestClient or uvicorn). AccessError
-    when STL_API_KEYS names a key file that cannot be read."""
+    when STL_API_KEYS names a key file that cannot be read, RuntimeUnavailable when STL_PRECISION=bf16
+    cannot run here."""
     settings = settings if settings is not None else get_settings()
+    check_precision_available(settings)  # bf16 where it cannot run: refused now, not a degraded service
     metrics = Metrics()
     admission = Admission(settings, metrics)
     access = Access.from_settings(settings, metrics)

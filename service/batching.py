@@ -1,11 +1,11 @@
 """Dynamic batching: the per-request stages of concurrent requests, their forward passes shared.
 
 The batcher drives a model's three stages (michaelfeil/infinity's shape): `encode_pre(item)` makes
-one request's [3, S, S] crop (decode + crop), `encode_core(batch)` embeds a stack of crops in one
-forward pass, `encode_post(item, vector)` finishes one request (the index search). A caller awaits
-`run(model, item)` and gets `encode_post`'s result, or the exception one of its stages raised; a
-failing `encode_pre` or `encode_post` fails only its own job, a failing `encode_core` every job of
-that pass.
+one request's [3, S, S] float32 crop (decode + crop; numpy, no torch), `encode_core(batch)` embeds a
+stack of crops in one forward pass, `encode_post(item, vector)` finishes one request (the index
+search). A caller awaits `run(model, item)` and gets `encode_post`'s result, or the exception one of
+its stages raised; a failing `encode_pre` or `encode_post` fails only its own job, a failing
+`encode_core` every job of that pass.
 
 Where `encode_pre` and `encode_post` run is the deployment's choice, made once when the batcher is
 built. Without a pool (on a CPU) the worker runs all three in one go: the forward pass already uses
@@ -18,7 +18,7 @@ A primary worker thread takes every job from the queue. Under load, requests pil
 runs and the next batch takes all of them at once; `max_wait_s` additionally waits a little for
 stragglers, but only once traffic is concurrent, so a lone request pays no waiting time.
 
-On a CPU the batcher can have helper workers (`workers` > 1). A lone request is embedded by the
+On a CPU with torch the batcher can have helper workers (`workers` > 1). A lone request is embedded by the
 primary with all of torch's intra-op threads, which is the fastest way to answer it. When more jobs
 wait than the primary's batch takes, helpers take batches from the queue too, and the primary runs
 its own on a single thread until traffic is light again: N independent single-threaded forward passes
@@ -26,7 +26,11 @@ keep N cores busy with no OpenMP barriers between them, where one pass split ove
 whenever the event loop preempts one of its threads (and a small model scales poorly over threads).
 Measured on 2 cores, efficientnet_lite0 in batches of 4: two single-threaded workers 112-125
 crops/s, one two-threaded 98-100. Helpers never create OpenMP teams of their own, so the process
-still has one team (see service/process.py). On a GPU there is one worker: the GPU is the bottleneck.
+still has one team (see service/process.py). The batcher sets those thread counts through `set_threads`
+(torch's, given by the engine). OpenVINO is the other way round: its own thread pool runs one pass over
+all cores without OpenMP barriers, so one worker with every thread beats two single-threaded ones
+(measured on 2 cores, batches of 4: 322-325 vs 152-170 crops/s), and the engine gives it one worker. On a
+GPU there is one worker: the GPU is the bottleneck.
 
 Admission control (service/admission.py) reads the batcher's load: `outstanding` jobs (queued or in a
 pass) times `seconds_per_crop`, a moving average of how long a crop takes through the workers. While a
@@ -50,7 +54,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 LOG = logging.getLogger(__name__)
 
@@ -58,11 +61,11 @@ LOG = logging.getLogger(__name__)
 class Stages(Protocol):
     """What the batcher drives; jobs of one model object share forward passes."""
 
-    def encode_pre(self, item: Any) -> torch.Tensor:
-        """One request's [3, S, S] crop."""
+    def encode_pre(self, item: Any) -> np.ndarray:
+        """One request's [3, S, S] float32 crop."""
         ...
 
-    def encode_core(self, batch: torch.Tensor) -> np.ndarray:
+    def encode_core(self, batch: np.ndarray) -> np.ndarray:
         """[B, dim] vectors of a [B, 3, S, S] stack of crops."""
         ...
 
@@ -87,7 +90,7 @@ _SPEED_WEIGHT = 0.1
 class _Job:
     model: Stages
     item: Any
-    crop: torch.Tensor | None = None  # made already (in the pool); None: the worker runs encode_pre
+    crop: np.ndarray | None = None  # made already (in the pool); None: the worker runs encode_pre
     finish: bool = True  # the worker runs encode_post; False: the job's result is the vector
     deadline: float | None = None  # time.monotonic() after which the job is dropped unembedded
     future: Future = field(default_factory=Future)
@@ -104,11 +107,13 @@ class Batcher:
         on_drop: Callable[[str], None] | None = None,
         name: str = "stl-batcher",
         workers: int = 1,
-        threads: int = 0,
+        threads: int = 1,
         pool: Executor | None = None,
+        set_threads: Callable[[int], None] | None = None,
     ) -> None:
         """`workers` > 1 adds single-threaded helpers for concurrent load (CPU only); `threads` is the
-        primary's intra-op thread count when it runs alone (0: whatever torch has when it starts); `pool`
+        primary's intra-op thread count when it runs alone, and `set_threads(n)` sets the calling thread's
+        (torch's `set_num_threads`; None: the runtime keeps its own threads); `pool`
         runs `run`'s pre and post steps (None: the worker runs them, just before and after the pass);
         `on_drop("expired" | "cancelled")` is told of each job dropped before its pass."""
         if max_size < 1:
@@ -123,7 +128,8 @@ class Batcher:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()
-        self._threads = threads if threads > 0 else torch.get_num_threads()
+        self._threads = max(1, threads)
+        self._set_threads = set_threads
         # Set while jobs queue up faster than the primary takes them: helpers take batches only then, so
         # a lone request is never left to a single-threaded helper.
         self._concurrent = threading.Event()
@@ -224,8 +230,8 @@ class Batcher:
                     # While helpers run, one thread here as well: more threads than cores would stall this
                     # pass's OpenMP barriers. Alone, all of them: the quickest answer to a lone request.
                     wanted = 1 if self._concurrent.is_set() or self._helpers_busy else self._threads
-                    if wanted != threads:
-                        torch.set_num_threads(wanted)
+                    if wanted != threads and self._set_threads is not None:
+                        self._set_threads(wanted)
                         threads = wanted
                 self._process(batch)
                 if stop:
@@ -271,8 +277,8 @@ class Batcher:
             batch, stop = self._collect(first, concurrent_traffic=False)  # what is queued, no waiting
             if len(batch) == 1 and self._queue.empty():
                 self._concurrent.clear()  # light traffic again: the next lone request is the primary's
-            if not single:  # a team of one thread: OpenMP starts no threads for it
-                torch.set_num_threads(1)
+            if not single and self._set_threads is not None:  # a team of one: OpenMP starts no threads for it
+                self._set_threads(1)
                 single = True
             with self._lock:
                 self._helpers_busy += 1
@@ -309,7 +315,7 @@ class Batcher:
     def _embed(self, batch: list[_Job]) -> int:
         """Run the batch's stages; the number of crops that went through a forward pass."""
         # After a hot reload, jobs for the old and the new model can share a batch: one pass each.
-        groups: dict[int, list[tuple[_Job, torch.Tensor]]] = {}
+        groups: dict[int, list[tuple[_Job, np.ndarray]]] = {}
         now = time.monotonic()
         embedded = 0
         for job in batch:
@@ -329,7 +335,7 @@ class Batcher:
         for group in groups.values():
             jobs = [job for job, _ in group]
             try:
-                vectors = jobs[0].model.encode_core(torch.stack([crop for _, crop in group]))
+                vectors = jobs[0].model.encode_core(np.stack([crop for _, crop in group]))
             except Exception as exc:  # handed to each caller, who falls back; the worker keeps going
                 LOG.exception("embedding a batch of %d crops failed", len(jobs))
                 for job in jobs:

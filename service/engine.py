@@ -10,7 +10,9 @@ same thread as the search (service/versions.py).
 
 Where the per-request CPU work runs is deployment policy, decided once in `Engine.start` from the
 settings and the device: on a CPU the batcher's own thread decodes, crops, embeds and searches in one
-go; on a GPU a pool decodes and searches while the GPU runs forward passes (service/batching.py).
+go; on a GPU a pool decodes and searches while the GPU runs forward passes (service/batching.py). The
+number of forward-pass workers follows the runtime (service/encoder.py): with torch on a CPU one per
+intra-op thread, single-threaded under load; with OpenVINO or ONNX Runtime one, on every core.
 """
 
 from __future__ import annotations
@@ -22,13 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
-import torch
-
 from index.catalogue import Facets, ProductRecord
 from index.filters import mentions
 from service import process
 from service.admission import Admission, Unavailable
 from service.batching import Batcher, JobExpired
+from service.encoder import planned_device, planned_runtime
 from service.images import BadInput
 from service.metrics import Metrics
 from service.schemas import Source, Strategy
@@ -36,7 +37,6 @@ from service.search import Page, SearchSpec
 from service.settings import Settings
 from service.versions import LoadedVersion, Located, Reloaded, Scene, VersionHolder
 from training.data.stl import BBox, UnknownCategory
-from training.model.device import resolve_device
 
 LOG = logging.getLogger(__name__)
 
@@ -85,15 +85,13 @@ class FacetsView:
 
 
 def batch_workers(settings: Settings) -> int:
-    """STL_BATCH_WORKERS, or by default one per intra-op thread on a CPU (see service/batching.py) and
-    one on a GPU."""
+    """STL_BATCH_WORKERS, or by default one per intra-op thread with torch on a CPU (see
+    service/batching.py), and one on a GPU or with OpenVINO / ONNX Runtime (their own pools use every core)."""
     if settings.batch_workers > 0:
         return settings.batch_workers
-    try:
-        device = resolve_device(settings.device)
-    except ValueError:  # cuda asked for and absent: the load reports it; popularity needs no workers
+    if planned_device(settings) == "cuda" or planned_runtime(settings) != "torch":
         return 1
-    return 1 if device.type == "cuda" else torch.get_num_threads()
+    return process.torch_threads()
 
 
 def preprocess_inline(settings: Settings) -> bool:
@@ -101,10 +99,7 @@ def preprocess_inline(settings: Settings) -> bool:
     and no on a GPU (a pool does, overlapping the GPU's forward passes)."""
     if settings.preprocess_inline is not None:
         return settings.preprocess_inline
-    try:
-        return resolve_device(settings.device).type == "cpu"
-    except ValueError:  # cuda asked for and absent: nothing will be embedded, so either is right
-        return True
+    return planned_device(settings) == "cpu"
 
 
 class Engine:
@@ -124,12 +119,18 @@ class Engine:
     def start(cls, settings: Settings, metrics: Metrics, admission: Admission | None = None) -> Engine:
         """Threads and policy for this deployment; nothing is loaded yet (see `load`). `admission`, when
         given, measures the batcher's queue."""
-        process.set_torch_threads(settings.torch_threads)  # before the batcher reads torch's thread count
+        with_torch = planned_runtime(settings) == "torch"
+        if with_torch:  # otherwise torch is not imported (unless a version without an export needs it)
+            process.set_torch_threads(settings.torch_threads)  # before the batcher reads torch's thread count
+        workers = batch_workers(settings)
+        torch_helpers = with_torch and workers > 1
         cpu_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="stl-cpu")
         batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_ms / 1000.0,
                           on_batch=metrics.batch_size.observe,
                           on_drop=lambda reason: metrics.dropped.labels(reason=reason).inc(),
-                          workers=batch_workers(settings), pool=None if preprocess_inline(settings) else cpu_pool)
+                          workers=workers, threads=process.torch_threads() if torch_helpers else 1,
+                          set_threads=process.set_thread_torch_threads if torch_helpers else None,
+                          pool=None if preprocess_inline(settings) else cpu_pool)
         if admission is not None:
             admission.attach(batcher)
         return cls(settings, metrics, VersionHolder(settings, metrics), batcher, cpu_pool)

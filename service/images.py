@@ -10,7 +10,7 @@ from collections.abc import Callable
 from PIL import Image, UnidentifiedImageError
 
 from training.data.stl import BBox, validate_bbox
-from training.model.preprocess import CropTooSmall, load_image
+from training.model.arrays import CropTooSmall, load_image
 
 LOG = logging.getLogger(__name__)
 

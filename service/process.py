@@ -90,6 +90,20 @@ def set_torch_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def torch_threads() -> int:
+    """torch's intra-op thread count (imports torch: call only when torch runs the forward pass)."""
+    import torch  # here, not at module level: a process serving an exported model never imports torch
+
+    return torch.get_num_threads()
+
+
+def set_thread_torch_threads(threads: int) -> None:
+    """The calling thread's torch intra-op threads (the batcher's workers: see service/batching.py)."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def start_own_thread(fn: Callable[[], T], name: str) -> Future[T]:
     """Run `fn` in a new daemon thread that exits when it returns; a future of its result."""
     future: Future[T] = Future()

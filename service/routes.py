@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Annotated
 
@@ -181,6 +182,8 @@ async def readyz(request: Request, engine: EngineDep, response: Response) -> Rea
     holder = engine.holder
     loaded = holder.current
     admission: Admission = request.app.state.admission
+    runtime = loaded.encoder.description if loaded is not None and loaded.encoder is not None else None
+    torch_loaded = "torch" in sys.modules  # a process serving an export should never have imported it
     if admission.draining:  # shutting down: orchestrators take this instance out of rotation
         response.status_code = 503
         return ReadyResponse(
@@ -188,16 +191,18 @@ async def readyz(request: Request, engine: EngineDep, response: Response) -> Rea
             categories=len(loaded.resolver.paths) if loaded else 0,
             indexed_categories=len(loaded.indexes) if loaded else 0,
             model_loaded=loaded.model_loaded if loaded else False, problem="the service is shutting down",
+            runtime=runtime, torch_loaded=torch_loaded,
         )
     if loaded is None:
         response.status_code = 503
         return ReadyResponse(
             status="loading" if holder.loading else "unavailable", index_version=None, categories=0,
-            indexed_categories=0, model_loaded=False, problem=holder.load_error,
+            indexed_categories=0, model_loaded=False, problem=holder.load_error, torch_loaded=torch_loaded,
         )
     return ReadyResponse(
         status=loaded.status, index_version=loaded.version, categories=len(loaded.resolver.paths),
         indexed_categories=len(loaded.indexes), model_loaded=loaded.model_loaded, problem=loaded.problem,
+        runtime=runtime, torch_loaded=torch_loaded,
     )
 
 

@@ -111,6 +111,10 @@ class ReadyResponse(BaseModel):
     indexed_categories: int
     model_loaded: bool
     problem: str | None = None
+    # What runs the forward pass, e.g. "openvino (fp32)" or "torch (no export in this version)"; None
+    # when no model is loaded. torch_loaded: whether this process has imported torch at all.
+    runtime: str | None = None
+    torch_loaded: bool = False
 
 
 class ReloadResponse(BaseModel):

@@ -7,6 +7,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,6 +38,12 @@ class Settings(BaseSettings):
     checkpoint: Path | None = Field(None, description="head checkpoint overriding the artifact's own")
     backbone_weights: Path | None = Field(None, description="backbone weights file (e.g. ResNet-50 offline)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    runtime: Literal["auto", "openvino", "onnxruntime", "torch"] = Field(
+        "auto", description="what runs the forward pass; auto: OpenVINO over the version's export on a CPU, "
+                            "torch on a GPU (and for versions without an export)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: OpenVINO on a CPU with AVX-512 BF16 or AMX only; refused at start elsewhere")
+    runtime_threads: int = Field(0, ge=0, le=256, description="OpenVINO / ONNX Runtime threads; 0: every core")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
     faiss_threads: int = Field(1, ge=0, description="faiss OpenMP threads per search; 0 keeps faiss's default")
     preprocess_threads: int = Field(0, ge=0, le=64, description="decode/crop/search threads; 0 = CPU count")
@@ -48,7 +55,8 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(4, ge=1, le=1024)
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000)
     batch_workers: int = Field(
-        0, ge=0, le=256, description="forward-pass workers; 0: one per torch thread on a CPU, one on a GPU"
+        0, ge=0, le=256,
+        description="forward-pass workers; 0: one per torch thread with torch on a CPU, else one"
     )
     admin_token: SecretStr | None = None
     queue_budget_ms: float = Field(

@@ -1,4 +1,4 @@
-"""Index versions: one loaded version (embedder + per-category indexes + catalogue + popularity), and the
+"""Index versions: one loaded version (scene encoder + per-category indexes + catalogue + popularity), and the
 holder that serves one and swaps it on a reload.
 
 A `LoadedVersion` is built completely off to the side and never mutated afterwards; a hot reload
@@ -6,7 +6,8 @@ replaces the holder's single reference. A request reads that reference once and 
 until it answers, so it can never see half of one version and half of another.
 
 A loaded version is also the model the batcher drives (service/batching.py): `encode_pre` decodes and
-crops one scene, `encode_core` embeds a stack of crops, `encode_post` searches one category's index
+crops one scene, `encode_core` embeds a stack of crops (its `SceneEncoder`: the version's exported model in
+OpenVINO, or torch; service/encoder.py), `encode_post` searches one category's index
 (filtered, paged, deduplicated: service/search.py) and looks the hits up in the catalogue.
 
 The catalogue (SQLite, read-only) is opened at load and belongs to its version. A reload never closes the
@@ -24,20 +25,18 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import numpy as np
-import torch
 
 from index.artifact import Artifact, ArtifactError, CategoryIndex, current_version, open_artifact
 from index.catalogue import Catalogue, CatalogueError, Facets, ProductRecord
 from index.filters import Filter, FilterError, parse_filter
+from service.encoder import SceneEncoder, load_encoder
 from service.images import BadInput, decode_image
 from service.metrics import Metrics
 from service.process import FaissThreads
 from service.search import CategorySearch, Groups, Hit, Page, RowPage, SearchSpec
 from service.settings import Settings
 from training.data.stl import BBox, CategoryResolver
-from training.model.checkpoint import load_embedder
-from training.model.embedder import Embedder
-from training.model.preprocess import CropTooSmall, bbox_to_pixels
+from training.model.arrays import CropTooSmall, bbox_to_pixels
 
 LOG = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ class LoadedVersion:
     product_counts: Mapping[str, int]  # full path -> products in the catalogue
     resolver: CategoryResolver
     popularity: PopularityTable | None
-    embedder: Embedder | None
+    encoder: SceneEncoder | None
     indexes: Mapping[str, CategoryIndex] = field(default_factory=dict)
     searches: Mapping[str, CategorySearch] = field(default_factory=dict)  # one per index: filtered, paged, dedup
     catalogue: Catalogue | None = None  # None: built before catalogues (or unreadable); items carry nulls
@@ -105,7 +104,7 @@ class LoadedVersion:
 
     @property
     def model_loaded(self) -> bool:
-        return self.embedder is not None and bool(self.indexes)
+        return self.encoder is not None and bool(self.indexes)
 
     @property
     def status(self) -> Status:
@@ -206,20 +205,18 @@ class LoadedVersion:
         except CropTooSmall as exc:
             raise BadInput(400, f"the bbox crop is too small to embed: {exc}") from exc
 
-    def encode_pre(self, scene: Scene) -> torch.Tensor:
-        """Decode and crop: the [3, S, S] tensor of the scene's item (BadInput for the client's mistakes)."""
-        embedder = self.embedder
-        assert embedder is not None
+    def encode_pre(self, scene: Scene) -> np.ndarray:
+        """Decode and crop: the [3, S, S] array of the scene's item (BadInput for the client's mistakes)."""
+        assert self.encoder is not None
         try:
-            # The embedder's own decoder and transform: exactly the pixels the index build saw.
-            picture = decode_image(scene.image, self.max_image_pixels, lambda raw: embedder.load_image(raw, scene.bbox))
-            return embedder.transform(picture, scene.bbox)
+            # The index build's own decoder and preprocessing (to_array): exactly the pixels it saw.
+            return self.encoder.crop(scene.image, scene.bbox, self.max_image_pixels)
         except CropTooSmall as exc:
             raise BadInput(400, f"the bbox crop is too small to embed: {exc}") from exc
 
-    def encode_core(self, batch: torch.Tensor) -> np.ndarray:
-        assert self.embedder is not None
-        return self.embedder.embed_batch(batch, "scene")
+    def encode_core(self, batch: np.ndarray) -> np.ndarray:
+        assert self.encoder is not None
+        return self.encoder.embed(batch)
 
     def encode_post(self, scene: Scene, vector: np.ndarray) -> Page:
         """The scene's page of its category (filtered, deduplicated), with the products' catalogue data."""
@@ -245,23 +242,19 @@ def load_version(settings: Settings, version: str | None = None) -> LoadedVersio
     except Exception as exc:  # a broken table costs the fallback, not the service
         LOG.exception("popularity table of version %s is unusable", artifact.version)
         problems.append(f"popularity unavailable ({_describe(exc)})")
-    embedder: Embedder | None = None
+    encoder: SceneEncoder | None = None
     indexes: dict[str, CategoryIndex] = {}
     searches: dict[str, CategorySearch] = {}
     try:
-        checkpoint = settings.checkpoint or artifact.checkpoint_path
-        embedder = load_embedder(checkpoint, settings.device, settings.backbone_weights)
-        artifact.check_embedder(embedder.fingerprint())
+        encoder = load_encoder(settings, artifact)  # checked against the embedder the indexes were built with
         indexes = artifact.load_indexes()
         searches = {category: CategorySearch(index) for category, index in indexes.items()}
-        # One forward pass now: a broken model fails here, at load time, not on the first user.
-        size = embedder.preprocess.image_size
-        embedder.embed_batch(torch.zeros(1, 3, size, size), "scene")
+        encoder.warm_up()
     except Exception as exc:  # missing, corrupt or mismatched: degrade to popularity, keep serving
         LOG.error("version %s cannot serve embeddings, falling back to popularity: %s", artifact.version,
                   _describe(exc))
         problems.insert(0, f"embeddings unavailable ({_describe(exc)})")
-        embedder, indexes, searches = None, {}, {}
+        encoder, indexes, searches = None, {}, {}
     catalogue: Catalogue | None = None
     try:
         catalogue = _open_catalogue(artifact, searches)
@@ -277,7 +270,7 @@ def load_version(settings: Settings, version: str | None = None) -> LoadedVersio
         product_counts=dict(artifact.categories),
         resolver=CategoryResolver(paths),
         popularity=popularity,
-        embedder=embedder,
+        encoder=encoder,
         indexes=indexes,
         searches=searches,
         catalogue=catalogue,
@@ -289,6 +282,8 @@ def load_version(settings: Settings, version: str | None = None) -> LoadedVersio
     )
     LOG.info("loaded index version %s (%s, %d categories, %d indexed) in %.2fs", loaded.version, loaded.status,
              len(paths), len(indexes), time.perf_counter() - started)
+    if encoder is not None:
+        LOG.info("serving with runtime %s", encoder.description)
     return loaded
 
 

@@ -158,3 +158,12 @@ def test_light_modules_do_not_import_torch_or_faiss(modules: list[str]) -> None:
             "print(json.dumps(sorted(n for n in ('torch', 'faiss', 'timm', 'torchvision') if n in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_the_service_package_imports_neither_torch_nor_timm() -> None:
+    # Every service module (faiss is fine: it serves the indexes); torch comes only with the torch runtime.
+    modules = sorted(f"service.{path.stem}" for path in (ROOT / "service").glob("*.py") if path.stem != "__init__")
+    code = (f"import importlib, json, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+            "print(json.dumps(sorted(n for n in ('torch', 'timm', 'torchvision') if n in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []

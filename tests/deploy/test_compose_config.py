@@ -73,6 +73,11 @@ def test_default_stack_is_indexer_then_read_only_api(compose_cli: Path, tmp_path
     assert api["environment"]["STL_ARTIFACTS"] == "/artifacts"
     assert api["environment"]["STL_ADMIN_TOKEN"] == ""  # no secret unless the environment gives one
     assert [p["target"] for p in api["ports"]] == [8000]
+    # The API image has no torch (it serves the export with OpenVINO); only the indexer's trains.
+    assert api["build"]["args"]["PIP_EXTRAS"] == "cpu,serve" and api["image"] == "shop-the-look:cpu"
+    assert indexer["build"]["args"]["PIP_EXTRAS"] == "cpu,serve,train"
+    assert indexer["image"] == "shop-the-look:cpu-indexer"
+    assert api["environment"]["STL_RUNTIME"] == "auto" and api["environment"]["STL_PRECISION"] == "fp32"
 
 
 def test_settings_come_from_the_environment(compose_cli: Path, tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -35,15 +34,15 @@ class SlowModel:
         if not blocked:
             self.release.set()
 
-    def encode_pre(self, item: float) -> torch.Tensor:
-        return torch.full((3, 2, 2), item)
+    def encode_pre(self, item: float) -> np.ndarray:
+        return np.full((3, 2, 2), item, dtype=np.float32)
 
-    def encode_core(self, batch: torch.Tensor) -> np.ndarray:
+    def encode_core(self, batch: np.ndarray) -> np.ndarray:
         self.started.set()
         time.sleep(self.pass_s)
         assert self.release.wait(20)
         self.embedded += batch[:, 0, 0, 0].tolist()
-        return batch[:, :, 0, 0].numpy().copy()
+        return batch[:, :, 0, 0].copy()
 
     def encode_post(self, item: float, vector: np.ndarray) -> np.ndarray:
         return vector

@@ -8,7 +8,6 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 
 from service.batching import Batcher, BatcherClosed
 
@@ -25,21 +24,22 @@ class FakeEmbedder:
         if not block_first:
             self.release.set()
 
-    def encode_pre(self, item) -> torch.Tensor:
+    def encode_pre(self, item) -> np.ndarray:
         return item() if callable(item) else item
 
-    def encode_core(self, batch: torch.Tensor) -> np.ndarray:
+    def encode_core(self, batch: np.ndarray) -> np.ndarray:
+        assert isinstance(batch, np.ndarray) and batch.dtype == np.float32  # numpy only: no torch in the batcher
         self.started.set()
         self.release.wait(10)
         self.batches.append(len(batch))
-        return batch[:, :, 0, 0].numpy().copy()
+        return batch[:, :, 0, 0].copy()
 
     def encode_post(self, item, vector: np.ndarray):
         return vector if self.finish is None else self.finish(vector)
 
 
-def crop(value: float) -> torch.Tensor:
-    return torch.full((3, 2, 2), value)
+def crop(value: float) -> np.ndarray:
+    return np.full((3, 2, 2), value, dtype=np.float32)
 
 
 def test_queued_requests_share_one_forward_pass() -> None:
@@ -114,7 +114,7 @@ def test_crops_made_by_the_worker_fail_alone() -> None:
     made_in: list[str] = []
 
     def make(value: float):
-        def run() -> torch.Tensor:
+        def run() -> np.ndarray:
             made_in.append(threading.current_thread().name)
             if value < 0:
                 raise ValueError("not an image")
@@ -168,25 +168,33 @@ class RecordingEmbedder(FakeEmbedder):
         self.seconds = seconds
         self.passes: list[tuple[str, int, int]] = []
 
-    def encode_core(self, batch: torch.Tensor) -> np.ndarray:
+    def encode_core(self, batch: np.ndarray) -> np.ndarray:
         vectors = super().encode_core(batch)
-        self.passes.append((threading.current_thread().name, torch.get_num_threads(), len(batch)))
+        self.passes.append((threading.current_thread().name, THREADS.get(threading.current_thread().name),
+                            len(batch)))
         threading.Event().wait(self.seconds)
         return vectors
 
 
+THREADS: dict[str, int] = {}  # worker thread name -> the thread count the batcher last set for it
+
+
+def set_threads(threads: int) -> None:
+    """What the engine passes for torch (its per-thread set_num_threads), recorded instead."""
+    THREADS[threading.current_thread().name] = threads
+
+
 @pytest.fixture()
-def restore_torch_threads():
-    # Workers set torch's thread count, which is also the default of threads torch meets later.
-    before = torch.get_num_threads()
+def recorded_threads():
+    THREADS.clear()
     yield
-    torch.set_num_threads(before)
+    THREADS.clear()
 
 
-@pytest.mark.usefixtures("restore_torch_threads")
+@pytest.mark.usefixtures("recorded_threads")
 def test_a_lone_request_gets_the_primary_and_all_its_threads() -> None:
     embedder = RecordingEmbedder(seconds=0.0)
-    batcher = Batcher(max_size=4, max_wait_s=0.0, workers=2, threads=2)
+    batcher = Batcher(max_size=4, max_wait_s=0.0, workers=2, threads=2, set_threads=set_threads)
     try:
         for value in range(5):  # one at a time: concurrency 1
             assert batcher.submit(embedder, crop(float(value))).result(5)[0] == value
@@ -195,10 +203,10 @@ def test_a_lone_request_gets_the_primary_and_all_its_threads() -> None:
     assert embedder.passes == [("stl-batcher", 2, 1)] * 5
 
 
-@pytest.mark.usefixtures("restore_torch_threads")
+@pytest.mark.usefixtures("recorded_threads")
 def test_a_backlog_is_shared_with_single_threaded_helpers_until_traffic_is_light() -> None:
     embedder = RecordingEmbedder(block_first=True)
-    batcher = Batcher(max_size=4, max_wait_s=0.0, workers=2, threads=2)
+    batcher = Batcher(max_size=4, max_wait_s=0.0, workers=2, threads=2, set_threads=set_threads)
     try:
         gate = batcher.submit(embedder, crop(-1.0))
         assert embedder.started.wait(5)
@@ -218,10 +226,10 @@ def test_a_backlog_is_shared_with_single_threaded_helpers_until_traffic_is_light
     assert embedder.passes[-1] == ("stl-batcher", 2, 1), embedder.passes[-5:]
 
 
-@pytest.mark.usefixtures("restore_torch_threads")
+@pytest.mark.usefixtures("recorded_threads")
 def test_closing_finishes_every_queued_job_and_stops_the_helpers() -> None:
     embedder = RecordingEmbedder(block_first=True, seconds=0.005)
-    batcher = Batcher(max_size=2, max_wait_s=0.0, workers=3, threads=2, name="closing-test")
+    batcher = Batcher(max_size=2, max_wait_s=0.0, workers=3, threads=2, name="closing-test", set_threads=set_threads)
     gate = batcher.submit(embedder, crop(0.0))
     assert embedder.started.wait(5)
     futures = [batcher.submit(embedder, crop(float(i))) for i in range(15)]

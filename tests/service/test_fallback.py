@@ -13,6 +13,7 @@ from index.artifact import open_artifact
 from service.app import create_app
 from tests.service.conftest import PANTS, SHOES, make_settings, post
 from training.data.popularity import Popularity
+from training.model.runtimes import ExportManifest
 
 
 def metric(client: TestClient, name: str, **labels: str) -> float:
@@ -72,17 +73,25 @@ def _damage_index(root: Path) -> None:
     (version.path / index_file).write_bytes(b"\x00" * 64)
 
 
+def _damage_export(root: Path) -> None:
+    version = open_artifact(root)
+    graph = ExportManifest.read(version.export_dir).backbone_file
+    (version.export_dir / graph).write_bytes(b"not a graph")
+
+
 @pytest.mark.parametrize(
-    ("damage", "use_other_head", "problem"),
-    [(_damage_model, False, "not a readable head checkpoint"),
-     (_damage_index, False, "corrupt"),
-     (None, True, "built with another embedder")],
-    ids=["corrupt-model", "corrupt-index", "checkpoint-mismatch"],
+    ("damage", "use_other_head", "runtime", "problem"),
+    [(_damage_model, False, "torch", "not a readable head checkpoint"),
+     (_damage_export, False, "auto", "does not match the sha256"),
+     (_damage_index, False, "auto", "corrupt"),
+     (None, True, "auto", "built with another embedder")],
+    ids=["corrupt-model", "corrupt-export", "corrupt-index", "checkpoint-mismatch"],
 )
-def test_degraded_when_no_valid_model(artifacts: Path, built: dict, damage, use_other_head: bool, problem: str) -> None:
+def test_degraded_when_no_valid_model(artifacts: Path, built: dict, damage, use_other_head: bool, runtime: str,
+                                      problem: str) -> None:
     if damage is not None:
         damage(artifacts)
-    settings = make_settings(artifacts, checkpoint=built["head1"] if use_other_head else None)
+    settings = make_settings(artifacts, checkpoint=built["head1"] if use_other_head else None, runtime=runtime)
     with TestClient(create_app(settings)) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 200
@@ -96,12 +105,12 @@ def test_degraded_when_no_valid_model(artifacts: Path, built: dict, damage, use_
 
 def test_embedding_failure_falls_back_and_is_counted(artifacts: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with TestClient(create_app(make_settings(artifacts))) as client:
-        embedder = client.app.state.engine.holder.current.embedder
+        runtime = client.app.state.engine.holder.current.encoder.runtime
 
         def broken(*args, **kwargs):
             raise RuntimeError("simulated CUDA error")
 
-        monkeypatch.setattr(embedder, "embed_batch", broken)
+        monkeypatch.setattr(runtime, "vectors", broken)
         response = post(client, k=3)
         assert response.status_code == 200
         assert_popularity(response.json(), artifacts, SHOES, 3, "embedding failed: RuntimeError")

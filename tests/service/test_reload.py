@@ -12,6 +12,7 @@ from index.artifact import current_version
 from index.publish import switch_current
 from service.app import create_app
 from tests.service.conftest import build_version, make_settings, post, scene_jpeg
+from training.model.runtimes import ExportManifest
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -61,7 +62,9 @@ def test_reload_refuses_a_broken_version(artifacts: Path, built: dict) -> None:
     with TestClient(create_app(make_settings(artifacts, admin_token=SecretStr(TOKEN)))) as client:
         old = client.get("/readyz").json()["index_version"]
         newer = build_version(built["data"], built["head1"], artifacts)
-        (artifacts / "versions" / newer / "model.pt").write_bytes(b"garbage")
+        # The exported model that serves it (OpenVINO), not the head checkpoint torch would read.
+        export = artifacts / "versions" / newer / "export"
+        (export / ExportManifest.read(export).backbone_file).write_bytes(b"garbage")
         response = client.post("/admin/reload", headers=AUTH)
         assert response.status_code == 409 and "cannot serve embeddings" in response.json()["detail"]
         assert client.get("/readyz").json()["index_version"] == old
