@@ -23,9 +23,12 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from functools import partial  # noqa: E402
+
 import bench_service as bench  # noqa: E402  (the same artifact, images, load generator and server start)
 
 from index.catalogue import CatalogueRow  # noqa: E402
+from index.edit import carry_export  # noqa: E402
 from index.publish import publish, staging_dir  # noqa: E402
 from index.writer import new_version, write_version  # noqa: E402
 from training.data.products import Product  # noqa: E402
@@ -59,9 +62,11 @@ def make_artifacts(work: Path, checkpoint: Path, embedder) -> tuple[Path, Path]:
                   for category in artifact.categories]
     version = new_version("bench-products")
     staging = staging_dir(rich, version)
+    export = artifact.manifest.export  # the same exported model, linked in as a derived version does
     write_version(staging, version, categories, embedder.fingerprint(), checkpoint, artifact.popularity,
                   artifact.products(), artifact.manifest.provenance,
-                  catalogue=catalogue_rows(categories, np.random.default_rng(1)))
+                  catalogue=catalogue_rows(categories, np.random.default_rng(1)),
+                  export=None if export is None else partial(carry_export, artifact, export))
     publish(rich, staging)
     return plain, rich
 

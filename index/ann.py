@@ -1,12 +1,15 @@
-"""Building one category's FAISS index: exact inner product when small, IVF (or HNSW) when large.
+"""Building one category's FAISS index: exact inner product when small, IVF (or HNSW) when large, compressed
+(IVF + SQ8 or PQ codes) when a memory budget says the float vectors would not fit.
 
-faiss ids are row positions in the category's vector array; the artifact keeps the id array beside it.
+faiss ids are row positions in the category's vector array; the artifact keeps the id array beside it (and
+the float vectors, which the service does not load: `rerank` re-scores candidates from them).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -31,7 +34,32 @@ ADD_CHUNK = 65_536
 # little (a few hundred extra rows per probe) and guards against tuning on too-easy queries.
 MIN_NPROBE = 8
 
+# Compressed codes tried when the budget rules out float vectors, best recall first: bytes per dimension.
+# SQ8 keeps 1 byte a dimension (recall near IVF-Flat's); PQ keeps d/2, d/4, d/8 one-byte sub-codes.
+COMPRESSED_CODES = ("SQ8", "PQ/2", "PQ/4", "PQ/8")
+ID_BYTES = 8  # an IVF list stores an int64 id beside each code
+HNSW_LINK_BYTES = 2 * 32 * 4  # HNSW32: ~64 int32 links per vector on level 0
+# A compressed code's recall stops growing with nprobe well below the target; past this gain per doubling
+# more probes only cost latency.
+PLATEAU_GAIN = 0.003
+# faiss wants ~39 training points per centroid: PQ's 256 per sub-quantizer, IVF's nlist.
+PQ_MIN_COUNT = 39 * 256
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+
 Approximate = Literal["ivf", "hnsw"]
+
+
+class OverBudget(ValueError):
+    """Even the smallest compressed index of a category would not fit its memory budget."""
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as "2GB", "512MiB", "1.5g" or "1000000" (k/m/g/t are powers of 1024)."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"not a size: {text!r}; write e.g. 2GB or 512MB")
+    number, unit = float(match[1]), match[2].lower().rstrip("b").rstrip("i")
+    return int(number * 1024 ** ("kmgt".index(unit) + 1 if unit else 0))
 
 
 @dataclass(frozen=True)
@@ -58,8 +86,62 @@ def ivf_nlist(count: int) -> int:
     return int(max(1, min(nlist, 65_536, count // 39)))
 
 
+def index_bytes(factory: str, count: int, dim: int) -> int:
+    """Memory a loaded index of `factory` over `count` vectors takes (codes, ids, links, centroids; estimate)."""
+    per_vector = {"Flat": 4 * dim}.get(factory)
+    overhead = 0
+    if per_vector is None and factory.startswith("HNSW"):
+        per_vector = 4 * dim + HNSW_LINK_BYTES
+    elif per_vector is None:
+        match = re.fullmatch(r"IVF(\d+),(Flat|SQ8|PQ(\d+)(?:x8)?)", factory)
+        if not match:
+            raise ValueError(f"no memory estimate for index {factory!r}")
+        code = {"Flat": 4 * dim, "SQ8": dim}.get(match[2], int(match[3] or 0))
+        per_vector = code + ID_BYTES
+        overhead = int(match[1]) * dim * 4 + (256 * dim * 4 if match[3] else 0)  # centroids, PQ codebooks
+    return count * per_vector + overhead
+
+
+def compressed_specs(count: int, dim: int) -> list[IndexSpec]:
+    """The compressed IVF indexes for `count` vectors of `dim`, largest (best recall) first."""
+    nlist = ivf_nlist(count)
+    specs: list[IndexSpec] = []
+    if count < 39 * 2:  # too few to train even two lists
+        return specs
+    for code in COMPRESSED_CODES:
+        if code == "SQ8":
+            specs.append(IndexSpec(f"IVF{nlist},SQ8", "approximate", {"nprobe": 32}))
+            continue
+        m = dim // int(code.split("/")[1])
+        if m >= 1 and dim % m == 0 and count >= PQ_MIN_COUNT:
+            specs.append(IndexSpec(f"IVF{nlist},PQ{m}x8", "approximate", {"nprobe": 32}))
+    return specs
+
+
 def choose_spec(count: int, exact_threshold: int = DEFAULT_EXACT_THRESHOLD,
-                approximate: Approximate = DEFAULT_APPROXIMATE) -> IndexSpec:
+                approximate: Approximate = DEFAULT_APPROXIMATE, dim: int | None = None,
+                memory_budget: int | None = None) -> IndexSpec:
+    """Flat up to `exact_threshold`, else IVF-Flat (or HNSW); with `memory_budget` (bytes, needs `dim`) the
+    first of those and then `compressed_specs` that fits. OverBudget when none does."""
+    spec = _float_spec(count, exact_threshold, approximate)
+    if memory_budget is None:
+        return spec
+    if dim is None:
+        raise ValueError("a memory budget needs the vectors' dimension")
+    candidates = [spec, *compressed_specs(count, dim)]
+    for candidate in candidates:
+        if index_bytes(candidate.factory, count, dim) <= memory_budget:
+            if candidate is not spec:
+                LOG.info("%d x %d vectors: %s (%.0f MB) exceeds the budget of %.0f MB; using %s (%.0f MB)", count,
+                         dim, spec.factory, index_bytes(spec.factory, count, dim) / 2**20, memory_budget / 2**20,
+                         candidate.factory, index_bytes(candidate.factory, count, dim) / 2**20)
+            return candidate
+    smallest = candidates[-1]
+    raise OverBudget(f"{count} vectors of dim {dim} need at least {index_bytes(smallest.factory, count, dim)} bytes "
+                     f"({smallest.factory}); the budget is {memory_budget} bytes")
+
+
+def _float_spec(count: int, exact_threshold: int, approximate: Approximate) -> IndexSpec:
     if count <= exact_threshold:
         return IndexSpec("Flat", "exact")
     if approximate == "hnsw":
@@ -102,7 +184,8 @@ def _training_sample(vectors: np.ndarray, spec: IndexSpec, seed: int) -> np.ndar
     if not spec.factory.startswith("IVF"):
         return vectors
     nlist = int(spec.factory[3:].split(",", 1)[0])
-    size = min(len(vectors), 64 * nlist)
+    # PQ codebooks have 256 centroids per sub-quantizer and want ~100 points each, whatever nlist is.
+    size = min(len(vectors), max(64 * nlist, 25_600 if ",PQ" in spec.factory else 0))
     if size == len(vectors):
         return vectors
     rows = np.random.default_rng(seed).choice(len(vectors), size=size, replace=False)
@@ -164,12 +247,31 @@ def tune_search_params(index: faiss.Index, vectors: np.ndarray, spec: IndexSpec,
     else:
         name = "efSearch"
         candidates = [max(k + 1, 2**i) for i in range(4, 12)]
-    recall = 0.0
+    recall, chosen = 0.0, candidates[0]
+    compressed = not spec.factory.endswith(",Flat")
     for value in candidates:
         apply_search_params(index, {name: value})
-        recall = leave_one_out_recall(index, vectors, rows, k)
+        previous, recall = recall, leave_one_out_recall(index, vectors, rows, k)
+        if compressed and value != candidates[0] and recall - previous < PLATEAU_GAIN:
+            recall = previous  # the codes, not the probes, limit recall here: keep the cheaper search
+            break
+        chosen = value
         if recall >= target:
             break
+    value = chosen
+    apply_search_params(index, {name: value})
     LOG.info("%s: %s=%d gives leave-one-out recall@%d %.4f on %d queries", spec.factory, name, value, k, recall,
              len(rows))
     return {name: value}, recall
+
+
+def rerank(vectors: np.ndarray, query: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (scores, rows) of the best k of candidate `rows` ([n] ids, -1 ignored) for one query [d].
+
+    `vectors` may be a memory map of the category's stored float vectors (np.load(mmap_mode="r")): only the
+    candidates' rows are read, so a compressed index plus this keeps RAM at the codes' size.
+    """
+    rows = np.unique(rows[rows >= 0])
+    scores = np.asarray(vectors[rows], dtype=np.float32) @ np.asarray(query, dtype=np.float32).reshape(-1)
+    order = np.lexsort((rows, -scores))[:k]
+    return scores[order], rows[order]

@@ -10,6 +10,8 @@ Layout of an artifact root:
     versions/<version>/popularity.json popularity of the training pairs
     versions/<version>/export/         the head and backbone as ONNX graphs + their manifest.json, for a
                                        server without torch (optional: manifest `export`, its sha256s)
+    versions/<version>/detector/       the item detector: detector.pt, its ONNX graph and detector.json
+                                       (optional: manifest `detector`, its sha256s)
     current -> versions/<version>      switched atomically by `index.publish`
 """
 
@@ -146,19 +148,32 @@ class Artifact:
         export = self.manifest.export
         return None if export is None else self.path / export.folder
 
+    @property
+    def detector_dir(self) -> Path | None:
+        """The item detector's folder (`training.model.detect_post.DetectorGraph(folder)`), or None for versions
+        without one."""
+        detector = self.manifest.detector
+        return None if detector is None else self.path / detector.folder
+
+    def _check_folder(self, folder: str, files: dict[str, str]) -> list[str]:
+        problems = []
+        for name, expected in sorted(files.items()):
+            file = self.path / folder / name
+            if not file.is_file():
+                problems.append(f"{folder}/{name}: missing")
+            elif file_sha256(file) != expected:
+                problems.append(f"{folder}/{name}: sha256 differs from the manifest (corrupt or modified)")
+        return problems
+
     def check_export(self) -> list[str]:
         """Problems comparing the export folder's files with the sha256s the manifest recorded."""
         export = self.manifest.export
-        if export is None:
-            return []
-        problems = []
-        for name, expected in sorted(export.files.items()):
-            file = self.path / export.folder / name
-            if not file.is_file():
-                problems.append(f"{export.folder}/{name}: missing")
-            elif file_sha256(file) != expected:
-                problems.append(f"{export.folder}/{name}: sha256 differs from the manifest (corrupt or modified)")
-        return problems
+        return [] if export is None else self._check_folder(export.folder, export.files)
+
+    def check_detector(self) -> list[str]:
+        """Problems comparing the detector folder's files with the sha256s the manifest recorded."""
+        detector = self.manifest.detector
+        return [] if detector is None else self._check_folder(detector.folder, detector.files)
 
     def fingerprint(self) -> dict:
         """The fingerprint of the embedder this version was built with, as `Embedder.fingerprint()` gives it."""
@@ -193,9 +208,9 @@ class Artifact:
         return problems
 
     def check_files(self) -> list[str]:
-        """The one file check: every recorded file (the export's too) matches its sha256, every category's
-        files are recorded."""
-        problems = self.verify_files() + self.check_export()
+        """The one file check: every recorded file (the export's and the detector's too) matches its sha256,
+        every category's files are recorded."""
+        problems = self.verify_files() + self.check_export() + self.check_detector()
         for entry in self.manifest.categories.values():
             problems += [f"{name}: not in the manifest's file list" for name in entry.files
                          if name not in self.manifest.files]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import sys
@@ -17,22 +18,42 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from index.ann import DEFAULT_APPROXIMATE, DEFAULT_EXACT_THRESHOLD, Approximate
+from index.ann import (
+    DEFAULT_APPROXIMATE,
+    DEFAULT_EXACT_THRESHOLD,
+    Approximate,
+    IndexSpec,
+    OverBudget,
+    build_index,
+    choose_spec,
+    parse_size,
+    tune_search_params,
+)
 from index.catalogue import CatalogueRow, make_thumbnail
 from index.dedup import DEFAULT_DUPLICATE_THRESHOLD, group_duplicates, image_digest
+from index.detector import prepare_detector
 from index.embed import embed_product_files
 from index.errors import ArtifactError, Refused
 from index.examples import DEFAULT_EXAMPLES, choose_examples, write_examples
 from index.manifest import Provenance, SplitRecord
 from index.publish import DEFAULT_KEEP, STAGING_PREFIX, build_lock, clean_stale, publish, staging_dir
-from index.writer import CategoryData, new_version, stage_export, write_version
+from index.writer import CategoryData, new_version, stage_detector, stage_export, write_version
 from training.cli import report
-from training.cli.args import add_cache_arg, add_data_arg, add_device_arg, add_progress_arg, add_workers_arg
+from training.cli.args import (
+    add_cache_arg,
+    add_data_arg,
+    add_device_arg,
+    add_engine_args,
+    add_progress_arg,
+    add_workers_arg,
+)
 from training.data.popularity import Popularity
 from training.data.products import Product, read_dataset_products, read_products
 from training.data.split import SPLIT_FRACTIONS, split_by_scene
 from training.data.stl import CategoryMap, STLDataset
 from training.errors import TrainingError
+from training.exec.choose import open_executor
+from training.exec.executor import Executor, LocalExecutor
 from training.fit.features import cache_features
 from training.io import file_sha256
 from training.model.batch_runtime import RUNTIME_CHOICES, batch_runtime
@@ -82,26 +103,61 @@ def export_checked(embedder: Embedder, folder: Path) -> dict[str, float] | None:
 
 def embed_catalogue(dataset: STLDataset, catalogue: list[str], embedder: Embedder, cache: Path | None,
                     batch_size: int, workers: int, progress: bool, runtime: Runtime | None = None,
-                    runtime_name: RuntimeName = "auto",
-                    export_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    runtime_name: RuntimeName = "auto", export_dir: Path | None = None,
+                    executor: Executor | None = None, checkpoint: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Index vectors of the catalogue and a mask of the products that could be embedded.
 
     `runtime` runs the network over the files; with a feature cache its missing features are extracted in
-    `runtime_name` over `export_dir` (`cache_features`)."""
+    `runtime_name` over `export_dir` (`cache_features`). A remote `executor` (Ray) rebuilds the embedder on
+    its workers from `checkpoint` and runs `runtime_name` there."""
+    load = partial(load_embedder, Path(checkpoint).resolve()) if checkpoint is not None else None
     if cache is not None:
         # Backbone features already extracted for training are reused; only missing ones are computed.
         features = cache_features(dataset, embedder, cache, pairs=[], products=catalogue,
                                   batch_size=batch_size, workers=workers, progress=progress,
-                                  runtime=runtime_name, export_dir=export_dir)
+                                  runtime=runtime_name, export_dir=export_dir, executor=executor, load=load)
         readable = np.array([features.has_product(pid) for pid in catalogue], dtype=bool)
         vectors = np.zeros((len(catalogue), embedder.dim), dtype=np.float32)
         if readable.any():
             cached = [pid for pid, ok in zip(catalogue, readable, strict=True) if ok]
             vectors[readable] = embedder.project(features.product_features(cached), "product")
         return vectors, readable
-    paths = [dataset.product_path(pid) for pid in catalogue]
-    return embed_product_files(embedder, paths, batch_size=batch_size, workers=workers, progress=progress,
-                               runtime=runtime)
+    locations = [dataset.product_location(pid) for pid in catalogue]
+    return embed_product_files(embedder, locations, batch_size=batch_size, workers=workers, progress=progress,
+                               runtime=runtime, executor=executor, load=load, runtime_name=runtime_name)
+
+
+def category_index(vectors: np.ndarray, spec: IndexSpec, seed: int) -> tuple[np.ndarray, IndexSpec, float]:
+    """Build and tune one category's index: (serialized index, spec with tuned search params, tuned recall).
+
+    A plain function of arrays so an executor can run it anywhere (a Ray task); the bytes come back to the
+    driver, which writes them."""
+    index = build_index(vectors, spec, seed=seed)
+    params, recall = tune_search_params(index, vectors, spec, seed=seed)
+    return faiss.serialize_index(index), IndexSpec(spec.factory, spec.kind, params), recall
+
+
+def build_category_indexes(executor: Executor, categories: list[CategoryData], exact_threshold: int,
+                           approximate: Approximate, seed: int, memory_budget: int | None = None) -> None:
+    """Fill each category's `index`/`spec`/`tuned_recall` through `executor.map_tasks` (one task a category).
+
+    `memory_budget` (bytes, all indexes together) is shared in proportion to the categories' sizes; a category
+    whose float index would not fit its share gets a compressed one (`index.ann.choose_spec`)."""
+    total = sum(len(data.ids) for data in categories)
+    specs = []
+    for data in categories:
+        share = None if memory_budget is None else int(memory_budget * len(data.ids) / total)
+        try:
+            specs.append(choose_spec(len(data.ids), exact_threshold, approximate, data.vectors.shape[1], share))
+        except OverBudget as exc:
+            raise Refused(f"category {data.category!r} does not fit --memory-budget: {exc}") from exc
+    started = time.perf_counter()
+    built = executor.map_tasks(category_index, [(np.ascontiguousarray(data.vectors, dtype=np.float32), spec, seed)
+                                                for data, spec in zip(categories, specs, strict=True)])
+    for data, (serialized, spec, recall) in zip(categories, built, strict=True):
+        data.index, data.spec, data.tuned_recall = faiss.deserialize_index(serialized), spec, recall
+    LOG.info("built %d category indexes on %s in %.1f s", len(categories), executor.name,
+             time.perf_counter() - started)
 
 
 def build(
@@ -123,6 +179,9 @@ def build(
     examples: int = DEFAULT_EXAMPLES,
     runtime: RuntimeName = "auto",
     export: bool = True,
+    executor: Executor | None = None,
+    memory_budget: int | None = None,
+    detector: Path | None = None,
 ) -> str:
     """Build and publish a new version from a dataset directory and a head checkpoint; returns the version.
 
@@ -136,7 +195,15 @@ def build(
     With `export`, the backbone and head are exported into the version (`export/`, for a server without torch),
     checked against torch first (ExportMismatch: nothing is published). `runtime` runs the catalogue's
     embedding (`training.model.batch_runtime`: `auto` is OpenVINO over that export on a CPU, torch on a GPU).
+
+    `executor` runs the embedding and the per-category index builds (`training.exec`: this process by default,
+    or a Ray cluster); this process writes and publishes the version either way. `memory_budget` (bytes, every
+    category's index together) makes the categories that would not fit compressed (IVF with SQ8 or PQ codes).
+
+    `detector` (a `train-detector` checkpoint) goes into the version with its ONNX export (`index.detector`).
     """
+    executor = executor if executor is not None else LocalExecutor(workers)
+    remote = not isinstance(executor, LocalExecutor)
     started = time.perf_counter()
     out = Path(out)
     with build_lock(out):
@@ -161,11 +228,12 @@ def build(
             made = export_dir if checked is not None else None
             LOG.info("embedding %d products on %s (faiss GPUs: %d)", len(catalogue), embedder.device,
                      faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0)
-            with batch_runtime(embedder, runtime, made) as engine:
+            # A remote executor's workers open their own runtime: none is compiled here for nothing.
+            with contextlib.nullcontext() if remote else batch_runtime(embedder, runtime, made) as engine:
                 embed_started = time.perf_counter()  # the runtime's one-off compile is not throughput
                 vectors, readable = embed_catalogue(dataset, catalogue, embedder, cache, batch_size, workers,
-                                                    progress, engine, runtime, made)
-                embed_runtime = engine.name
+                                                    progress, engine, runtime, made, executor, checkpoint)
+                embed_runtime = f"{executor.name}:{runtime}" if engine is None else engine.name
             embed_seconds = time.perf_counter() - embed_started
             skipped = [pid for pid, ok in zip(catalogue, readable, strict=True) if not ok]
             indexed = {pid: row for row, pid in enumerate(catalogue) if readable[row]}
@@ -179,6 +247,7 @@ def build(
                 CategoryData(category, [catalogue[row] for row in rows], vectors[rows])
                 for category, rows in sorted(rows_by_category.items())
             ]
+            build_category_indexes(executor, categories, exact_threshold, approximate, seed, memory_budget)
             products = [
                 {"id": pid, "category": data_.category, "image": _image_reference(dataset, pid)}
                 for data_ in categories for pid in data_.ids
@@ -211,12 +280,17 @@ def build(
             # Test-split scenes (never trained on) for the page's "try an example".
             chosen = choose_examples(split.test, {pid: dataset.categories.of(pid) for pid in indexed}, examples, seed)
             rows = catalogue_rows(dataset, categories, product_data, popularity, workers, duplicate_threshold)
+            detector_dir = Path(scratch) / "detector"
+            if detector is not None:
+                prepare_detector(detector, detector_dir, [data_.category for data_ in categories], device)
             staging = staging_dir(out, version)
             write_version(staging, version, categories, fingerprint, Path(checkpoint), popularity, products, provenance,
                           exact_threshold, approximate, seed, progress, started=started, catalogue=rows,
                           examples=lambda folder: write_examples(folder, dataset, chosen),
                           export=None if made is None else partial(stage_export, source=made, checked=checked,
-                                                                   min_cosine=MIN_COSINE))
+                                                                   min_cosine=MIN_COSINE),
+                          detector=None if detector is None else partial(
+                              stage_detector, source=detector_dir, origin=str(Path(detector).resolve())))
             publish(out, staging, keep)
             return version
 
@@ -262,6 +336,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exact-threshold", type=int, default=DEFAULT_EXACT_THRESHOLD,
                         help="categories up to this size get an exact index, larger ones an approximate one")
     parser.add_argument("--approximate", choices=["ivf", "hnsw"], default=DEFAULT_APPROXIMATE)
+    parser.add_argument("--memory-budget", type=parse_size, default=None,
+                        help="memory all category indexes may take together (e.g. 2GB): a category whose float "
+                             "index would not fit its share gets a compressed one (IVF with SQ8 or PQ codes)")
     parser.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="versions to keep (current always kept)")
     parser.add_argument("--batch-size", type=int, default=64)
     add_workers_arg(parser, help="image decoding worker processes")
@@ -279,6 +356,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "torch on a GPU")
     parser.add_argument("--no-export", dest="export", action="store_false",
                         help="publish no exported model (ONNX) beside the indexes; a server then needs torch")
+    parser.add_argument("--detector", type=Path, default=None,
+                        help="item detector checkpoint (train-detector's detector.pt) to put into the version, "
+                             "with its ONNX export: /detect and /shop")
+    add_engine_args(parser)
     add_progress_arg(parser)
     return parser
 
@@ -292,10 +373,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: checkpoint {args.checkpoint} does not exist", file=sys.stderr)
         return 2
     try:
-        version = build(args.data, args.checkpoint, args.out, args.device, args.cache, args.exact_threshold,
-                        args.approximate, args.keep, args.batch_size, args.workers, args.split_seed, args.seed,
-                        progress=not args.no_progress, products_file=args.products,
-                        duplicate_threshold=args.duplicate_threshold, runtime=args.runtime, export=args.export)
+        with open_executor(args.engine, args.ray_address, args.workers) as executor:
+            version = build(args.data, args.checkpoint, args.out, args.device, args.cache, args.exact_threshold,
+                            args.approximate, args.keep, args.batch_size, args.workers, args.split_seed, args.seed,
+                            progress=not args.no_progress, products_file=args.products,
+                            duplicate_threshold=args.duplicate_threshold, runtime=args.runtime, export=args.export,
+                            executor=executor, memory_budget=args.memory_budget, detector=args.detector)
     except (TrainingError, ArtifactError) as exc:
         return report(exc)
     print(f"published {version} under {args.out}")

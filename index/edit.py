@@ -21,9 +21,9 @@ from index.ann import choose_spec
 from index.artifact import Artifact, open_artifact
 from index.catalogue import Catalogue, CatalogueError, CatalogueRow, make_thumbnail
 from index.examples import carry_examples
-from index.manifest import Change, ExportRecord
+from index.manifest import Change, DetectorRecord, ExportRecord
 from index.publish import clean_stale, publish, staging_dir
-from index.writer import CategoryData, new_version, stage_export, write_version
+from index.writer import CategoryData, new_version, stage_detector, stage_export, write_version
 from training.data.popularity import Popularity
 from training.data.products import Product
 from training.data.stl import CategoryMap
@@ -111,6 +111,12 @@ def carry_export(artifact: Artifact, export: ExportRecord, staging: Path) -> Exp
                         expected=export.files)
 
 
+def carry_detector(artifact: Artifact, detector: DetectorRecord, staging: Path) -> DetectorRecord:
+    """The parent's item detector, linked into the derived version (it does not depend on the catalogue)."""
+    return stage_detector(staging, artifact.path / detector.folder, detector.max_abs_diff, detector.source,
+                          expected=detector.files)
+
+
 def derive(root: Path, artifact: Artifact, categories: list[CategoryData], products: list[dict], change: Change,
            fingerprint: dict, keep: int, started: float,
            catalogue: Iterable[CatalogueRow] | None = None) -> str:
@@ -128,7 +134,9 @@ def derive(root: Path, artifact: Artifact, categories: list[CategoryData], produ
         write_version(staging, version, categories, fingerprint, artifact.checkpoint_path, popularity, products,
                       provenance, parent.exact_threshold, parent.approximate, progress=False, started=started,
                       catalogue=catalogue, examples=lambda folder: carry_examples(artifact.path, folder),
-                      export=None if parent.export is None else partial(carry_export, artifact, parent.export))
+                      export=None if parent.export is None else partial(carry_export, artifact, parent.export),
+                      detector=None if parent.detector is None else partial(carry_detector, artifact,
+                                                                            parent.detector))
         publish(root, staging, keep)
     except BaseException:
         # `current` still names the parent; a failed edit leaves no half-written staging dir behind (a killed

@@ -293,6 +293,36 @@ class ExportRecord:
 
 
 @dataclass(frozen=True)
+class DetectorRecord:
+    """The item detector a version carries in its `folder` (`detector.pt`, its ONNX graph and `detector.json`,
+    `training.model.detect_post`): what /detect and /shop run. Each file's sha256 is recorded here, so the
+    version's manifest covers the subfolder too; `max_abs_diff` is the largest raw-output difference of the
+    graph to torch when the version was built."""
+
+    folder: str
+    files: dict[str, str]  # file name inside `folder` -> sha256
+    categories: list[str]  # label index -> full category path
+    image_size: int
+    max_abs_diff: float | None = None
+    source: str | None = None  # the checkpoint's path when the version was built
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"folder": self.folder, "files": dict(self.files), "categories": list(self.categories),
+                "image_size": self.image_size, "max_abs_diff": self.max_abs_diff, "source": self.source}
+
+    @classmethod
+    def from_dict(cls, detector: _Fields) -> DetectorRecord:
+        files = detector.mapping("files")
+        if not files or not all(isinstance(n, str) and isinstance(sha, str) for n, sha in files.items()):
+            raise CorruptArtifact(f"{detector.where}: files should map file names to sha256 strings")
+        folder = detector.text("folder")
+        if "/" in folder or folder in ("", ".", ".."):
+            raise CorruptArtifact(f"{detector.where}: folder should be one plain name, got {folder!r}")
+        return cls(folder, dict(files), detector.texts("categories") or [], detector.integer("image_size"),
+                   detector.number("max_abs_diff", optional=True), detector.text("source", optional=True))
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What a version was built from and with, and the sha256 of every file in it."""
 
@@ -311,6 +341,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     # None: no exported model (versions built before exports, or with `--no-export`); the key is then absent.
     export: ExportRecord | None = None
+    # None: no item detector (versions built before detectors, or without `--detector`); the key is then absent.
+    detector: DetectorRecord | None = None
 
     def to_dict(self) -> dict[str, Any]:
         embedder = self.embedder.to_dict()
@@ -336,6 +368,7 @@ class Manifest:
             "build_seconds": self.build_seconds,
             "files": dict(self.files),
             **({} if self.export is None else {"export": self.export.to_dict()}),
+            **({} if self.detector is None else {"detector": self.detector.to_dict()}),
         }
 
     @classmethod
@@ -366,6 +399,8 @@ class Manifest:
             build_seconds=manifest.number("build_seconds"),  # type: ignore[arg-type]
             files=dict(files),
             export=None if manifest.raw.get("export") is None else ExportRecord.from_dict(manifest.nested("export")),
+            detector=(None if manifest.raw.get("detector") is None
+                      else DetectorRecord.from_dict(manifest.nested("detector"))),
         )
 
 

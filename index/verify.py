@@ -1,5 +1,5 @@
-"""`python -m index verify ARTIFACTS`: files (the exported model's too) against the manifest's sha256s, the
-checkpoint and the exported model's own manifest, the catalogue
+"""`python -m index verify ARTIFACTS`: files (the exported model's and the detector's too) against the manifest's
+sha256s, the checkpoint, the exported model's and the detector's own manifests, the catalogue
 against the indexes, and recall@K of every approximate index against exact search on its own vectors.
 Non-zero exit on any problem."""
 
@@ -19,6 +19,8 @@ from training.cli import report as report_error
 from training.errors import TrainingError
 from training.io import file_sha256
 from training.model.checkpoint import CheckpointMismatch, load_checkpoint
+from training.model.detect_post import CHECKPOINT_FILE as DETECTOR_CHECKPOINT_FILE
+from training.model.detect_post import DetectorExport
 from training.model.runtimes import ExportManifest
 
 LOG = logging.getLogger(__name__)
@@ -79,6 +81,29 @@ def check_export_model(artifact: Artifact) -> list[str]:
     return []
 
 
+def check_detector(artifact: Artifact) -> list[str]:
+    """The item detector (if the version has one): its detector.json names its graph's and its checkpoint's
+    sha256, and the categories the manifest recorded; at least one of them is indexed."""
+    folder, record = artifact.detector_dir, artifact.manifest.detector
+    if folder is None or record is None:
+        return []
+    try:
+        export = DetectorExport.read(folder)
+        export.verify(folder)
+    except TrainingError as exc:
+        return [f"detector: {exc}"]
+    problems = []
+    checkpoint = folder / DETECTOR_CHECKPOINT_FILE
+    if not checkpoint.is_file() or file_sha256(checkpoint) != export.checkpoint_sha256:
+        problems.append(f"detector: {folder.name}/{DETECTOR_CHECKPOINT_FILE} is not the checkpoint the graph "
+                        "was exported from")
+    if export.categories != record.categories or export.image_size != record.image_size:
+        problems.append(f"detector: {folder.name}/detector.json contradicts the manifest's detector record")
+    if not set(export.categories) & set(artifact.categories):
+        problems.append("detector: none of its categories is indexed in this version")
+    return problems
+
+
 def check_catalogue_rows(artifact: Artifact) -> list[str]:
     """The catalogue must fit the indexes (`check_catalogue`) and name, at every row, the product of that row
     in the category's ids file: a hit maps to a product through its row. A version without one is fine."""
@@ -108,6 +133,7 @@ def verify(root: Path, version: str | None = None, checkpoint: Path | None = Non
     report.problems += artifact.check_files()
     report.problems += check_checkpoint(artifact, checkpoint)
     report.problems += check_export_model(artifact)
+    report.problems += check_detector(artifact)
     if report.problems:
         return report  # recall on corrupt files means nothing
     try:

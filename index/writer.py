@@ -34,6 +34,7 @@ from index.manifest import (
     JSON_INDENT,
     MANIFEST_FILE,
     CategoryEntry,
+    DetectorRecord,
     EmbedderFingerprint,
     ExportRecord,
     Manifest,
@@ -42,12 +43,16 @@ from index.manifest import (
 )
 from training.data.popularity import Popularity
 from training.io import file_sha256, write_bytes_atomic, write_json_atomic
+from training.model.detect_post import CHECKPOINT_FILE as DETECTOR_CHECKPOINT_FILE
+from training.model.detect_post import EXPORT_MANIFEST_FILE as DETECTOR_MANIFEST_FILE
+from training.model.detect_post import DetectorExport
 from training.model.runtimes.base import MANIFEST_FILE as EXPORT_MANIFEST_FILE
 from training.model.runtimes.base import ExportManifest
 
 LOG = logging.getLogger(__name__)
 
 EXPORT_DIR = "export"  # the version's subfolder holding its exported model (`Manifest.export`)
+DETECTOR_DIR = "detector"  # the version's subfolder holding its item detector (`Manifest.detector`)
 
 
 @dataclass
@@ -149,6 +154,26 @@ def stage_export(staging: Path, source: Path, checked: dict[str, float], min_cos
     return ExportRecord(EXPORT_DIR, files, dict(checked), min_cosine)
 
 
+def stage_detector(staging: Path, source: Path, max_abs_diff: float | None = None, origin: str | None = None,
+                   expected: dict[str, str] | None = None) -> DetectorRecord:
+    """Link a detector folder (`index.detector.prepare_detector`'s output: checkpoint, graph, detector.json)
+    into `staging/DETECTOR_DIR` and record its files' sha256s; with `expected` every file must match it."""
+    export = DetectorExport.read(source)
+    export.verify(source)
+    names = [DETECTOR_CHECKPOINT_FILE, export.graph_file, DETECTOR_MANIFEST_FILE]
+    target = staging / DETECTOR_DIR
+    target.mkdir()
+    for name in names:
+        _link(source / name, target / name)
+    files = {name: file_sha256(target / name) for name in sorted(names)}
+    if expected is not None and files != expected:
+        raise CorruptArtifact(f"the detector in {source} differs from the sha256s its manifest recorded")
+    if files[DETECTOR_CHECKPOINT_FILE] != export.checkpoint_sha256:
+        raise CorruptArtifact(f"{source}: {DETECTOR_MANIFEST_FILE} was exported from another checkpoint")
+    return DetectorRecord(DETECTOR_DIR, files, list(export.categories), export.image_size,
+                          export.max_abs_diff if max_abs_diff is None else max_abs_diff, origin)
+
+
 def write_version(
     staging: Path,
     version: str,
@@ -166,11 +191,13 @@ def write_version(
     catalogue: Iterable[CatalogueRow] | None = None,
     examples: Callable[[Path], object] | None = None,
     export: Callable[[Path], ExportRecord] | None = None,
+    detector: Callable[[Path], DetectorRecord] | None = None,
 ) -> Manifest:
     """Fill `staging` with a complete version; the manifest, written last, records every file's sha256.
 
     `examples` writes the version's sample scenes into the staging folder (`index.examples`); `export`
     puts an exported model into it (`stage_export`) and returns its record; None: the version has none.
+    `detector` does the same for the item detector (`stage_detector`).
 
     `fingerprint` is `Embedder.fingerprint()` of the embedder the vectors came from; `started` (a
     time.perf_counter() value) is when the whole operation began, for `build_seconds`.
@@ -190,6 +217,7 @@ def write_version(
     if examples is not None:
         examples(staging)
     export_record = export(staging) if export is not None else None
+    detector_record = detector(staging) if detector is not None else None
     files = {entry.name: file_sha256(entry) for entry in sorted(staging.iterdir()) if entry.is_file()}
     manifest = Manifest(
         version=version,
@@ -205,6 +233,7 @@ def write_version(
         build_seconds=round(time.perf_counter() - started, 3),
         files=files,
         export=export_record,
+        detector=detector_record,
     )
     write_manifest(staging / MANIFEST_FILE, manifest)
     return manifest

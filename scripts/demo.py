@@ -60,6 +60,33 @@ def print_answer(answer: dict) -> None:
               f"score {item['score']:.3f}  ({item['product_id']})")
 
 
+def demo_shop(base_url: str, data: Path, seed: int) -> None:
+    """POST /shop with a catalogue scene holding several items; print each item found and its top-3 titles."""
+    dataset = STLDataset.open(data, on_error="skip")
+    items_of: dict[str, int] = {}
+    for pair in dataset.pairs:
+        items_of[pair.scene_id] = items_of.get(pair.scene_id, 0) + 1
+    busiest = max(items_of.values())
+    scenes = sorted(scene for scene, count in items_of.items() if count >= min(3, busiest))
+    scene = random.Random(seed).choice(scenes)
+    print(f"\nPOST {base_url}/shop  scene={scene} ({items_of[scene]} items in the catalogue's pairs) k=3")
+    with dataset.scene_path(scene).open("rb") as image:
+        response = httpx.post(f"{base_url}/shop", files={"image": (f"{scene}.jpg", image, "image/jpeg")},
+                              data={"k": "3"}, timeout=60.0)
+    if response.status_code == 503:
+        print(f"/shop is not served by this version: {response.json().get('detail')}")
+        return
+    response.raise_for_status()
+    answer = response.json()
+    print(f"{len(answer['items'])} items found  index {answer['index_version']}  {answer['took_ms']:.1f} ms"
+          + (f"  note: {answer['note']}" if answer.get("note") else ""))
+    for item in answer["items"]:
+        box = ",".join(f"{value:.3f}" for value in item["bbox"])
+        print(f"  {item['category']:<50.50} box {box}  score {item['score']:.2f}  ({item['source']})")
+        for product in item["products"][:3]:
+            print(f"      #{product['rank']} {product.get('title') or product['product_id']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if pipeline.run(args):
@@ -77,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print_answer(answer)
         print("first item as JSON:", json.dumps(answer["items"][0] if answer["items"] else None, indent=2))
         print_answer(demo_request(base_url, args.data, args.seed, "price<=60 AND in_stock=true"))
+        demo_shop(base_url, args.data, args.seed)
         if args.no_serve:
             return 0
         print(f"\nserving on {base_url} — open {base_url}/ to shop the look (API docs at {base_url}/docs); "

@@ -1,7 +1,7 @@
 """Who may call the API and how often: API keys (STL_API_KEYS) and a token bucket per key (STL_RATE_LIMIT).
 
 Both are off by default, so the demo stays open; then the route dependency (service/deps.py) returns at
-once. Protected: /recommend, /products/* and /facets. Open: the page and its static files, /categories
+once. Protected: /recommend, /detect, /shop, /products/* and /facets. Open: the page and its static files, /categories
 (what the page shows before a key is typed), the probes and /metrics; /admin/* has its own token.
 
 A key comes as `Authorization: Bearer <key>` or `X-API-Key: <key>` and is compared with every configured

@@ -14,6 +14,9 @@ between threads costs latency (measured on 2 cores: p50 at concurrency 1 went fr
 bare embedder, and concurrency 32 from ~83 to ~90 req/s). With a pool (on a GPU) they run in the pool,
 so decoding overlaps the GPU's forward pass.
 
+`run_stack(model, crops)` embeds the several crops of one request (the items of one photo, /shop) in one
+forward pass and returns their vectors; it has no pre or post step.
+
 A primary worker thread takes every job from the queue. Under load, requests pile up while a batch
 runs and the next batch takes all of them at once; `max_wait_s` additionally waits a little for
 stragglers, but only once traffic is concurrent, so a lone request pays no waiting time.
@@ -91,6 +94,7 @@ class _Job:
     model: Stages
     item: Any
     crop: np.ndarray | None = None  # made already (in the pool); None: the worker runs encode_pre
+    stacked: bool = False  # `crop` is a [N, 3, S, S] stack of one request's crops, embedded in the same pass
     finish: bool = True  # the worker runs encode_post; False: the job's result is the vector
     deadline: float | None = None  # time.monotonic() after which the job is dropped unembedded
     future: Future = field(default_factory=Future)
@@ -174,11 +178,17 @@ class Batcher:
         vector = await asyncio.wrap_future(self._put(_Job(model, item, crop, finish=False, deadline=deadline)))
         return await loop.run_in_executor(self.pool, model.encode_post, item, vector)
 
+    async def run_stack(self, model: Stages, crops: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """[N, dim] vectors of one request's [N, 3, S, S] crops (the items of one photo), embedded in one pass
+        (with whatever other jobs share it); no pre or post step."""
+        job = _Job(model, None, np.ascontiguousarray(crops), finish=False, deadline=deadline, stacked=True)
+        return await asyncio.wrap_future(self._put(job))
+
     def _put(self, job: _Job) -> Future:
         with self._lock:  # so that no job slips in behind the stop sentinel
             if self._closed:
                 raise BatcherClosed("the batcher is shut down")
-            self._outstanding += 1
+            self._outstanding += _crops(job)
             self._queue.put(job)
         return job.future
 
@@ -299,11 +309,16 @@ class Batcher:
         embedded = 0
         try:
             embedded = self._embed(batch)
+        except Exception as exc:  # a bug in the bookkeeping must fail these jobs, not kill the worker and hang them
+            LOG.exception("a batch of %d jobs failed outside its stages", len(batch))
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
         finally:
             ended = time.perf_counter()
             with self._lock:
                 self._passes -= 1
-                self._outstanding -= len(batch)
+                self._outstanding -= sum(_crops(job) for job in batch)
                 if embedded:
                     # Busy since the last pass ended: the workers delivered `embedded` crops in that interval.
                     sample = ((ended - self._last_done) if self._last_done is not None
@@ -334,19 +349,32 @@ class Batcher:
             groups.setdefault(id(job.model), []).append((job, crop))
         for group in groups.values():
             jobs = [job for job, _ in group]
+            counts = [_crops(job) for job in jobs]
             try:
-                vectors = jobs[0].model.encode_core(np.stack([crop for _, crop in group]))
+                stack = (np.stack([crop for _, crop in group]) if not any(job.stacked for job in jobs)
+                         else np.concatenate([crop if job.stacked else crop[None] for job, crop in group]))
+                vectors = jobs[0].model.encode_core(stack)
             except Exception as exc:  # handed to each caller, who falls back; the worker keeps going
                 LOG.exception("embedding a batch of %d crops failed", len(jobs))
                 for job in jobs:
                     job.future.set_exception(exc)
                 continue
-            embedded += len(jobs)
+            embedded += len(stack)
             if self._on_batch is not None:
-                self._on_batch(len(jobs))
-            for job, vector in zip(jobs, vectors, strict=True):
+                self._on_batch(len(stack))
+            starts = np.cumsum([0, *counts[:-1]])
+            for job, start, count in zip(jobs, starts, counts, strict=True):
+                if job.stacked:
+                    job.future.set_result(vectors[start:start + count])
+                    continue
+                vector = vectors[start]
                 try:
                     job.future.set_result(job.model.encode_post(job.item, vector) if job.finish else vector)
                 except Exception as exc:  # that caller's search failed: its own fallback, not the batch's
                     job.future.set_exception(exc)
         return embedded
+
+
+def _crops(job: _Job) -> int:
+    """How many crops a job puts through the forward pass."""
+    return len(job.crop) if job.stacked and job.crop is not None else 1

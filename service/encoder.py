@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from PIL import Image
 
 from index.artifact import Artifact
 from service.images import decode_image
@@ -75,6 +76,14 @@ class SceneEncoder:
     def crop(self, image: bytes, bbox: BBox | None, max_pixels: int) -> np.ndarray:
         """Decode (the index build's decoder, JPEG draft included) and crop: float32 [3, S, S]."""
         picture = decode_image(image, max_pixels, lambda raw: load_image_for(raw, bbox, self.preprocess))
+        return to_array(picture, bbox, self.preprocess)
+
+    def crop_of(self, image: bytes, picture: Image.Image, bbox: BBox | None, max_pixels: int) -> np.ndarray:
+        """One item's crop of a photo already decoded into `picture` (several items of one photo: /shop).
+        Without JPEG draft decoding it is cut from that decode; with it the crop decodes at its own scale, as
+        the index build did (the pixels must be the same)."""
+        if self.preprocess.jpeg_draft:
+            return self.crop(image, bbox, max_pixels)
         return to_array(picture, bbox, self.preprocess)
 
     def embed(self, crops: np.ndarray) -> np.ndarray:

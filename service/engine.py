@@ -1,5 +1,7 @@
 """The use cases: `await engine.recommend(image, category, bbox, k, strategy, filter, offset, dedup)`, and
-"more like this", product data, thumbnails and facets (`similar`, `product`, `thumbnail`, `facets`).
+"more like this", product data, thumbnails and facets (`similar`, `product`, `thumbnail`, `facets`), and
+shopping a whole photo: `detect` (the items the version's detector finds) and `shop` (every item with its
+products: one detector pass, all crops embedded in one batch, each searched in its category).
 
 The engine owns one request's whole path: resolve the category, decide whether popularity must
 answer, then decode/crop -> forward pass -> index search through the batcher (whose stages are the
@@ -21,8 +23,11 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, TypeVar
+
+import numpy as np
+from PIL import Image
 
 from index.catalogue import Facets, ProductRecord
 from index.filters import mentions
@@ -35,12 +40,19 @@ from service.metrics import Metrics
 from service.schemas import Source, Strategy
 from service.search import Page, SearchSpec
 from service.settings import Settings
-from service.versions import LoadedVersion, Located, Reloaded, Scene, VersionHolder
+from service.versions import DetectSpec, LoadedVersion, Located, Reloaded, Scene, VersionHolder
 from training.data.stl import BBox, UnknownCategory
+from training.model.arrays import CropTooSmall, bbox_to_pixels
+from training.model.detect_post import Detection, box_iou
 
 LOG = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Predicting a box's category: detections this sure are considered, and the best-overlapping one names the
+# category when it overlaps the box this much (else the detector looks at the crop alone).
+PREDICT_SCORE_THRESHOLD = 0.05
+PREDICT_MIN_IOU = 0.3
 
 
 class NotServing(RuntimeError):
@@ -67,6 +79,27 @@ class Recommendation:
     index_version: str | None
     offset: int = 0
     note: str | None = None  # why there are no items (nothing matches the filter, past the end)
+    category_predicted: bool = False  # the request named no category: the detector chose it
+    category_score: float | None = None  # the detector's score for that category
+
+
+@dataclass(frozen=True)
+class Detected:
+    items: list[Detection]  # categories as served full paths, best first
+    index_version: str | None
+
+
+@dataclass(frozen=True)
+class ShopItem:
+    detection: Detection
+    recommendation: Recommendation
+
+
+@dataclass(frozen=True)
+class ShopAnswer:
+    items: list[ShopItem]
+    index_version: str | None
+    note: str | None = None  # why there are no items
 
 
 @dataclass(frozen=True)
@@ -166,18 +199,27 @@ class Engine:
         self.metrics.searches.labels(endpoint=endpoint, filtered="true" if spec.filter is not None else "false",
                                      dedup="true" if spec.dedup else "false").inc()
 
-    async def recommend(self, image: bytes, category: str, bbox: BBox | None = None, k: int = 10,
+    async def recommend(self, image: bytes, category: str | None, bbox: BBox | None = None, k: int = 10,
                         strategy: Strategy = "auto", filter: str | None = None, offset: int = 0,
                         dedup: bool = True, deadline: float | None = None) -> Recommendation:
         """Products of `category` that go with the item at `bbox` in the scene photo `image`: the page
-        `offset .. offset + k` of the exact ranking of the products that pass `filter`.
+        `offset .. offset + k` of the exact ranking of the products that pass `filter`. Without a category
+        (a bbox given) the version's detector predicts it (`category_predicted` in the answer).
 
         BadInput for the client's mistakes (unknown category, bad filter, bad image or crop); Unavailable
         when `deadline` (a time.monotonic()) passed while the scene was queued (it was not embedded); every
         other failure of the embedding path is logged, counted and answered by popularity.
         """
         loaded = self.serving()  # read once: the whole request sees one version
-        full_path = self._resolve(loaded, category)
+        predicted: Detection | None = None
+        if category is None:
+            if bbox is None:
+                raise BadInput(400, "name a category, or give a bbox: its category is then predicted")
+            loaded.require_detector()
+            predicted = await self._in_pool(self._predict, loaded, image, bbox)
+            full_path = predicted.category
+        else:
+            full_path = self._resolve(loaded, category)
         spec = SearchSpec(full_path, k, offset, loaded.parse_filter(filter), dedup)
         self._count("recommend", spec)
         scene = Scene(image, bbox, spec)
@@ -196,7 +238,92 @@ class Engine:
             except Exception as exc:  # the model or index broke on this request: log, count, answer by popularity
                 LOG.exception("embedding search failed for category %s; serving popularity", full_path)
                 fallback = ("embedding_failed", f"embedding failed: {type(exc).__name__}")
-        return await self._answer(loaded, spec, page, fallback)
+        answer = await self._answer(loaded, spec, page, fallback)
+        if predicted is None:
+            return answer
+        return replace(answer, category_predicted=True, category_score=predicted.score)
+
+    def _detect_spec(self) -> DetectSpec:
+        settings = self.settings
+        return DetectSpec(settings.detect_score_threshold, settings.detect_nms_threshold, settings.detect_max_items)
+
+    def _detect_photo(self, loaded: LoadedVersion, image: bytes) -> tuple[Image.Image, list[Detection]]:
+        picture = loaded.decode(image)
+        return picture, loaded.detect(picture, self._detect_spec())
+
+    def _predict(self, loaded: LoadedVersion, image: bytes, bbox: BBox) -> Detection:
+        """The category of the item at `bbox`: the detection overlapping it most, else the detector's best
+        guess on the crop alone. BadInput 400 when it finds nothing there."""
+        picture = loaded.decode(image)
+        loose = DetectSpec(PREDICT_SCORE_THRESHOLD, self.settings.detect_nms_threshold,
+                           max(self.settings.detect_max_items, 20))
+        found = loaded.detect(picture, loose)
+        if found:
+            overlaps = box_iou(np.asarray([bbox], dtype=np.float32),
+                               np.asarray([item.bbox for item in found], dtype=np.float32))[0]
+            best = int(np.argmax(overlaps))
+            if overlaps[best] >= PREDICT_MIN_IOU:
+                return found[best]
+        try:
+            crop = picture.crop(bbox_to_pixels(picture.width, picture.height, bbox))
+        except CropTooSmall as exc:
+            raise BadInput(400, f"the bbox crop is too small: {exc}") from exc
+        found = loaded.detect(crop, loose)
+        if not found:
+            raise BadInput(400, "the detector cannot tell the category of the item in this bbox; name a category")
+        return Detection(bbox, found[0].category, found[0].score)
+
+    async def detect(self, image: bytes) -> Detected:
+        """The items the version's detector finds in the photo (BadInput 503 when the version has none)."""
+        loaded = self.serving()
+        loaded.require_detector()
+        _, found = await self._in_pool(self._detect_photo, loaded, image)
+        return Detected(found, loaded.version)
+
+    async def shop(self, image: bytes, k: int = 10, filter: str | None = None, categories: list[str] | None = None,
+                   dedup: bool = True, deadline: float | None = None) -> ShopAnswer:
+        """Every item the detector finds in the photo (of `categories`, if given) with its products: one
+        detector pass, the items' crops embedded in one batch, each searched in its own category with the
+        filter, dedup and in-stock default of `recommend`; popularity answers for an item whose category has
+        no index, or when embedding fails."""
+        loaded = self.serving()
+        loaded.require_detector()
+        condition = loaded.parse_filter(filter)
+        wanted = None if categories is None else {self._resolve(loaded, name) for name in categories}
+        picture, found = await self._in_pool(self._detect_photo, loaded, image)
+        items = [item for item in found if wanted is None or item.category in wanted]
+        if not items:
+            note = "no item found in the photo" if not found else "no item of the requested categories found"
+            return ShopAnswer([], loaded.version, note)
+        specs = [SearchSpec(item.category, k, 0, condition, dedup) for item in items]
+        for spec in specs:
+            self._count("shop", spec)
+        fallbacks = [loaded.fallback(item.category, "auto") for item in items]
+        pages: list[Page | None] = [None] * len(items)
+        embeddable = [position for position, fallback in enumerate(fallbacks) if fallback is None]
+        if embeddable:
+            crops, kept = await self._in_pool(loaded.crops, image, picture, [items[i].bbox for i in embeddable])
+            embeddable = [embeddable[i] for i in kept]
+            for position in set(range(len(items))) - set(embeddable):
+                fallbacks[position] = fallbacks[position] or ("embedding_failed", "the item's crop is too small")
+            if crops is not None:
+                try:
+                    vectors = await self.batcher.run_stack(loaded, crops, deadline)
+                    found_pages = await self._in_pool(
+                        lambda: [loaded.search_page(vector, specs[i]) for i, vector in zip(embeddable, vectors,
+                                                                                           strict=True)])
+                    for position, page in zip(embeddable, found_pages, strict=True):
+                        pages[position] = page
+                except JobExpired:
+                    raise Unavailable("the request's deadline passed while it waited in the queue; "
+                                      "retry later") from None
+                except Exception as exc:  # the model or index broke: every item answered by popularity
+                    LOG.exception("embedding the %d items of a photo failed; serving popularity", len(embeddable))
+                    for position in embeddable:
+                        fallbacks[position] = ("embedding_failed", f"embedding failed: {type(exc).__name__}")
+        answers = [ShopItem(item, await self._answer(loaded, spec, page, fallback))
+                   for item, spec, page, fallback in zip(items, specs, pages, fallbacks, strict=True)]
+        return ShopAnswer(answers, loaded.version)
 
     async def similar(self, product_id: str, k: int = 10, offset: int = 0, filter: str | None = None,
                       dedup: bool = True) -> Recommendation:

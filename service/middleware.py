@@ -15,8 +15,10 @@ from service.metrics import Metrics
 
 # The API the gate guards (drain, deadlines, disconnects); the page, the docs, the probes, /metrics and
 # /admin pass straight through. Only scenes go through the batcher's queue, so only they meet its budget.
-API_PATHS = ("/recommend", "/products/", "/facets", "/categories", "/examples")
+API_PATHS = ("/recommend", "/detect", "/shop", "/products/", "/facets", "/categories", "/examples")
 SCENE_PATH = "/recommend"
+# Scene uploads: admitted only while the expected queue wait fits the budget (/shop embeds several crops).
+SCENE_PATHS = (SCENE_PATH, "/detect", "/shop")
 _TIMEOUT_HEADER = TIMEOUT_HEADER.encode()
 # A refused body is read and dropped up to this size (past it the connection is simply closed).
 DISCARD_LIMIT_BYTES = 16 * 1024 * 1024
@@ -119,8 +121,8 @@ class AdmissionGate:
             await self.app(scope, receive, send)
             return
         admission = self.admission
-        if path == SCENE_PATH:
-            scope.setdefault("state", {})["refused_route"] = SCENE_PATH  # read by RequestMetrics if refused
+        if path in SCENE_PATHS:
+            scope.setdefault("state", {})["refused_route"] = path  # read by RequestMetrics if refused
         if admission.draining:
             exc = admission.refuse_draining()
             # Read to the end before closing: a socket closed with unread data resets the connection, and the
@@ -131,7 +133,7 @@ class AdmissionGate:
         now = time.monotonic()
         try:
             deadline = admission.deadline(_header(scope, _TIMEOUT_HEADER), now)
-            if path == SCENE_PATH and scope["method"] == "POST":
+            if path in SCENE_PATHS and scope["method"] == "POST":
                 admission.check_scene(deadline, now)
         except BadTimeout as exc:
             await _send_json(send, 400, {"detail": str(exc)}, keep_alive=True)

@@ -11,11 +11,13 @@ from fastapi import APIRouter, File, Form, Header, HTTPException, Path, Query, R
 
 from service.admission import Admission
 from service.deps import AdminDep, EngineDep, Protected, ServingEngineDep, VersionDep
-from service.engine import RankedItem, Recommendation
+from service.engine import RankedItem, Recommendation, ShopAnswer
 from service.images import BadInput, parse_bbox
 from service.schemas import (
     CategoriesResponse,
     CategoryInfo,
+    DetectedItem,
+    DetectResponse,
     ErrorResponse,
     FacetsResponse,
     HealthResponse,
@@ -25,6 +27,8 @@ from service.schemas import (
     ReadyResponse,
     RecommendResponse,
     ReloadResponse,
+    ShopItemResponse,
+    ShopResponse,
     Strategy,
     product_fields,
 )
@@ -60,7 +64,9 @@ async def recommend(
     request: Request,
     engine: ServingEngineDep,
     image: Annotated[UploadFile, File(description="scene photo: JPEG, PNG or WebP")],
-    category: Annotated[str, Form(description="short name ('Shoes') or full path ('Apparel & Accessories|Shoes')")],
+    category: Annotated[str | None, Form(description="short name ('Shoes') or full path ('Apparel & Accessories|"
+                                                     "Shoes'); omitted with a bbox: the item detector predicts "
+                                                     "it")] = None,
     bbox: Annotated[str | None, Form(description="'left,top,right,bottom' in [0,1], origin top-left")] = None,
     k: Annotated[int, Form(ge=1, le=MAX_K, description="number of products")] = 10,
     strategy: Annotated[Strategy, Form(description="auto: embeddings with fallback; popularity")] = "auto",
@@ -70,10 +76,10 @@ async def recommend(
 ) -> Response:
     started = time.perf_counter()
     box = parse_bbox(bbox)
-    limit = engine.settings.max_upload_bytes
-    data = await image.read(limit + 1)
-    if len(data) > limit:
-        raise BadInput(413, f"the image is larger than STL_MAX_UPLOAD_MB = {engine.settings.max_upload_mb} MB")
+    if category is None and box is None:  # the category may be left out only when a box can be predicted
+        raise HTTPException(422, [{"loc": ["body", "category"], "type": "missing",
+                                   "msg": "Field required (or give a bbox: its category is then predicted)"}])
+    data = await _upload(engine, image)
     # The admission gate (service/middleware.py) set the deadline; absent only for an app without the gate.
     deadline = getattr(request.state, "deadline", None)
     answer = await engine.recommend(data, category, box, k, strategy, filter, offset, dedup, deadline)
@@ -143,6 +149,67 @@ async def facets(
                           brands=dict(found.brands), labels={key: dict(values) for key, values in found.labels.items()})
 
 
+@router.post(
+    "/detect", response_model=DetectResponse, responses=ERRORS, dependencies=[Protected],
+    summary="The items in a scene photo: boxes, categories and scores (503 without a detector in the version)",
+)
+async def detect(
+    engine: ServingEngineDep,
+    image: Annotated[UploadFile, File(description="scene photo: JPEG, PNG or WebP")],
+) -> Response:
+    started = time.perf_counter()
+    found = await engine.detect(await _upload(engine, image))
+    body = DetectResponse(items=[DetectedItem(bbox=list(item.bbox), category=item.category, score=item.score)
+                                 for item in found.items],
+                          index_version=found.index_version, took_ms=_ms(started))
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+@router.post(
+    "/shop", response_model=ShopResponse, responses=ERRORS, dependencies=[Protected],
+    summary="Shop the whole look: every item in a scene photo with its products, in one answer",
+)
+async def shop(
+    request: Request,
+    engine: ServingEngineDep,
+    image: Annotated[UploadFile, File(description="scene photo: JPEG, PNG or WebP")],
+    k: Annotated[int, Form(ge=1, le=MAX_K, description="products per item")] = 10,
+    filter: Annotated[str | None, Form(description=FILTER_HELP)] = None,
+    categories: Annotated[str | None, Form(description="comma-separated category names or paths: only items "
+                                                        "of these")] = None,
+    dedup: Annotated[bool, Form(description=DEDUP_HELP)] = True,
+) -> Response:
+    started = time.perf_counter()
+    names = None if categories is None or not categories.strip() else [
+        name.strip() for name in categories.split(",") if name.strip()]
+    data = await _upload(engine, image)
+    answer = await engine.shop(data, k, filter, names, dedup, getattr(request.state, "deadline", None))
+    return Response(_shop(answer, started).model_dump_json(), media_type="application/json")
+
+
+async def _upload(engine: EngineDep, image: UploadFile) -> bytes:
+    limit = engine.settings.max_upload_bytes
+    data = await image.read(limit + 1)
+    if len(data) > limit:
+        raise BadInput(413, f"the image is larger than STL_MAX_UPLOAD_MB = {engine.settings.max_upload_mb} MB")
+    return data
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 3)
+
+
+def _shop(answer: ShopAnswer, started: float) -> ShopResponse:
+    return ShopResponse(
+        items=[ShopItemResponse(bbox=list(item.detection.bbox), category=item.detection.category,
+                                score=item.detection.score,
+                                products=[_item(product) for product in item.recommendation.items],
+                                source=item.recommendation.source,
+                                fallback_reason=item.recommendation.fallback_reason, note=item.recommendation.note)
+               for item in answer.items],
+        note=answer.note, index_version=answer.index_version, took_ms=_ms(started))
+
+
 def _item(item: RankedItem) -> Item:
     return Item(**product_fields(item.product_id, item.record), rank=item.rank, score=item.score)
 
@@ -156,7 +223,9 @@ def _recommendation(answer: Recommendation, started: float) -> Response:
         offset=answer.offset,
         note=answer.note,
         index_version=answer.index_version,
-        took_ms=round((time.perf_counter() - started) * 1000.0, 3),
+        took_ms=_ms(started),
+        category_predicted=answer.category_predicted,
+        category_score=answer.category_score,
     )
     # Serialised here: returned as a model, FastAPI would validate it a second time against response_model.
     return Response(body.model_dump_json(), media_type="application/json")
@@ -203,6 +272,8 @@ async def readyz(request: Request, engine: EngineDep, response: Response) -> Rea
         status=loaded.status, index_version=loaded.version, categories=len(loaded.resolver.paths),
         indexed_categories=len(loaded.indexes), model_loaded=loaded.model_loaded, problem=loaded.problem,
         runtime=runtime, torch_loaded=torch_loaded,
+        detector=loaded.detector.name if loaded.detector is not None else None,
+        detector_problem=loaded.detector_problem,
     )
 
 

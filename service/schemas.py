@@ -56,6 +56,36 @@ class RecommendResponse(BaseModel):
     note: str | None = Field(None, description="why there are no items, e.g. nothing matches the filter")
     index_version: str | None
     took_ms: float
+    category_predicted: bool = Field(False, description="the request named no category: the item detector "
+                                                         "predicted it for the bbox")
+    category_score: float | None = Field(None, description="the detector's score for the predicted category")
+
+
+class DetectedItem(BaseModel):
+    bbox: list[float] = Field(min_length=4, max_length=4,
+                              description="[left, top, right, bottom] in [0, 1], origin top-left (as /recommend's)")
+    category: str = Field(description="full category path")
+    score: float = Field(description="the detector's confidence, 0..1")
+
+
+class DetectResponse(BaseModel):
+    items: list[DetectedItem] = Field(description="the items found, highest score first")
+    index_version: str | None
+    took_ms: float
+
+
+class ShopItemResponse(DetectedItem):
+    products: list[Item] = Field(description="the same items /recommend answers for this box and category")
+    source: Source
+    fallback_reason: str | None = None
+    note: str | None = None
+
+
+class ShopResponse(BaseModel):
+    items: list[ShopItemResponse] = Field(description="every item found, highest score first, with its products")
+    note: str | None = Field(None, description="why there are no items")
+    index_version: str | None
+    took_ms: float
 
 
 class ProductResponse(ProductData):
@@ -115,6 +145,9 @@ class ReadyResponse(BaseModel):
     # when no model is loaded. torch_loaded: whether this process has imported torch at all.
     runtime: str | None = None
     torch_loaded: bool = False
+    # The item detector's runtime ("openvino", "onnxruntime"); None: /detect and /shop answer 503 (see problem).
+    detector: str | None = None
+    detector_problem: str | None = None
 
 
 class ReloadResponse(BaseModel):

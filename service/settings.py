@@ -58,6 +58,11 @@ class Settings(BaseSettings):
         0, ge=0, le=256,
         description="forward-pass workers; 0: one per torch thread with torch on a CPU, else one"
     )
+    detect_score_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="/detect and /shop: items scoring below this are not reported")
+    detect_nms_threshold: float = Field(
+        0.6, gt=0.0, le=1.0, description="boxes of one category overlapping more than this (IoU) are one item")
+    detect_max_items: int = Field(10, ge=1, le=100, description="most items /detect and /shop report per photo")
     admin_token: SecretStr | None = None
     queue_budget_ms: float = Field(
         500.0, gt=0, le=600_000, description="admit a scene only if its expected queue wait fits this"

@@ -10,6 +10,10 @@ crops one scene, `encode_core` embeds a stack of crops (its `SceneEncoder`: the 
 OpenVINO, or torch; service/encoder.py), `encode_post` searches one category's index
 (filtered, paged, deduplicated: service/search.py) and looks the hits up in the catalogue.
 
+A version may carry an item detector (`detector/`: its ONNX graph, run by OpenVINO or ONNX Runtime with
+numpy decoding, `training.model.detect_post`; never torch). Without one, or when it cannot be loaded, the
+version serves everything but /detect and /shop, and `detector_problem` says why.
+
 The catalogue (SQLite, read-only) is opened at load and belongs to its version. A reload never closes the
 previous version's catalogue: a request that read the old version may still be using it. It is left to the
 garbage collector, which closes its connections once the last request holding that version is done.
@@ -25,18 +29,20 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import numpy as np
+from PIL import Image
 
 from index.artifact import Artifact, ArtifactError, CategoryIndex, current_version, open_artifact
 from index.catalogue import Catalogue, CatalogueError, Facets, ProductRecord
 from index.filters import Filter, FilterError, parse_filter
-from service.encoder import SceneEncoder, load_encoder
+from service.encoder import SceneEncoder, load_encoder, runtime_threads
 from service.images import BadInput, decode_image
 from service.metrics import Metrics
 from service.process import FaissThreads
 from service.search import CategorySearch, Groups, Hit, Page, RowPage, SearchSpec
 from service.settings import Settings
-from training.data.stl import BBox, CategoryResolver
+from training.data.stl import BBox, CategoryResolver, UnknownCategory
 from training.model.arrays import CropTooSmall, bbox_to_pixels
+from training.model.detect_post import Detection, DetectorGraph
 
 LOG = logging.getLogger(__name__)
 
@@ -56,6 +62,15 @@ class Scene:
     image: bytes
     bbox: BBox | None
     search: SearchSpec
+
+
+@dataclass(frozen=True)
+class DetectSpec:
+    """The detector's thresholds for one request (STL_DETECT_*)."""
+
+    score_threshold: float
+    nms_threshold: float
+    max_items: int
 
 
 @dataclass(frozen=True)
@@ -101,6 +116,44 @@ class LoadedVersion:
     search_threads: FaissThreads = field(
         default_factory=lambda: FaissThreads(Settings.model_fields["faiss_threads"].default))
     loaded_at: float = field(default_factory=time.time)
+    detector: DetectorGraph | None = None  # the item detector (/detect, /shop), None: the version has none
+    detector_problem: str | None = None  # why there is no detector
+
+    def require_detector(self) -> DetectorGraph:
+        """The version's detector; BadInput 503 naming why there is none."""
+        if self.detector is None:
+            raise BadInput(503, self.detector_problem or f"index version {self.version} has no item detector")
+        return self.detector
+
+    def detect(self, picture: Image.Image, spec: DetectSpec) -> list[Detection]:
+        """The items the detector finds in a decoded photo, best first, their categories as served paths;
+        categories this version cannot resolve are left out."""
+        found = self.require_detector().detect([picture], spec.score_threshold, spec.nms_threshold,
+                                               spec.max_items)[0]
+        served = []
+        for item in found:
+            try:
+                served.append(Detection(item.bbox, self.resolver.resolve(item.category), item.score))
+            except UnknownCategory:
+                continue
+        return served
+
+    def decode(self, image: bytes) -> Image.Image:
+        """The upload decoded (the index build's decoder); BadInput for a bad or oversized image."""
+        return decode_image(image, self.max_image_pixels)
+
+    def crops(self, image: bytes, picture: Image.Image, boxes: list[BBox]) -> tuple[np.ndarray | None, list[int]]:
+        """[N, 3, S, S] crops of the items at `boxes` of one photo, and which boxes they are (a box too small
+        to embed is left out)."""
+        assert self.encoder is not None
+        crops, kept = [], []
+        for position, box in enumerate(boxes):
+            try:
+                crops.append(self.encoder.crop_of(image, picture, box, self.max_image_pixels))
+            except CropTooSmall:
+                continue
+            kept.append(position)
+        return (np.stack(crops) if crops else None), kept
 
     @property
     def model_loaded(self) -> bool:
@@ -262,6 +315,7 @@ def load_version(settings: Settings, version: str | None = None) -> LoadedVersio
         LOG.exception("catalogue of version %s is unusable", artifact.version)
         problems.append(f"catalogue unavailable ({_describe(exc)})")
     locations = _locations(artifact) if catalogue is None else {}
+    detector, detector_problem = _load_detector(settings, artifact)
     paths = set(artifact.categories) | set(indexes)
     if popularity is not None:
         paths |= set(popularity.categories())
@@ -279,12 +333,33 @@ def load_version(settings: Settings, version: str | None = None) -> LoadedVersio
         problem="; ".join(problems) or None,
         max_image_pixels=settings.max_image_pixels,
         search_threads=FaissThreads(settings.faiss_threads),
+        detector=detector,
+        detector_problem=detector_problem,
     )
     LOG.info("loaded index version %s (%s, %d categories, %d indexed) in %.2fs", loaded.version, loaded.status,
              len(paths), len(indexes), time.perf_counter() - started)
     if encoder is not None:
         LOG.info("serving with runtime %s", encoder.description)
     return loaded
+
+
+def _load_detector(settings: Settings, artifact: Artifact) -> tuple[DetectorGraph | None, str | None]:
+    """The version's item detector in a torch-free runtime, or None and why: a version without one, or with a
+    broken one, still serves everything else."""
+    folder = artifact.detector_dir
+    if folder is None:
+        return None, (f"index version {artifact.version} has no item detector: build it with "
+                      "`python -m index build --detector PATH` (or `python -m index pipeline`)")
+    runtime = settings.runtime if settings.runtime in ("openvino", "onnxruntime") else "auto"
+    try:
+        detector = DetectorGraph(folder, runtime, runtime_threads(settings))
+        detector.warm_up()
+    except Exception as exc:  # a broken detector costs /detect and /shop, not the search
+        LOG.error("the item detector of version %s is unusable: %s", artifact.version, _describe(exc))
+        return None, f"the item detector is unavailable ({_describe(exc)})"
+    LOG.info("item detector: %s, %d categories, %d px", detector.name, len(detector.categories),
+             detector.image_size)
+    return detector, None
 
 
 def _open_catalogue(artifact: Artifact, searches: Mapping[str, CategorySearch]) -> Catalogue | None:

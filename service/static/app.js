@@ -13,7 +13,8 @@
     priceMin: $("price-min"), priceMax: $("price-max"), stockFilter: $("stock-filter"), inStock: $("in-stock"),
     filterValue: $("filter-value"), error: $("error"), meta: $("meta"), fallback: $("fallback"), mode: $("mode"),
     took: $("took"), note: $("note"), results: $("results"), more: $("more"), keyPanel: $("key-panel"),
-    apiKey: $("api-key"), keyPrompt: $("key-prompt"),
+    apiKey: $("api-key"), keyPrompt: $("key-prompt"), detections: $("detections"), detected: $("detected"),
+    detectStatus: $("detect-status"), detectedList: $("detected-list"), shopLook: $("shop-look"),
   };
 
   // The API lives beside the page: resolving against the page's own folder keeps working behind a path prefix.
@@ -27,8 +28,10 @@
     file: null, fileName: "photo.jpg", sceneReady: false, objectUrl: null,
     box: null, // {l, t, r, b} normalised to [0, 1], origin top-left; null = the whole photo
     facets: null, // {colourKey} when the filter panel is shown
-    query: null, // the search "show more" continues: {kind: "recommend"|"similar", productId, title, k, filter}
+    query: null, // the search "show more" continues: {kind: "recommend"|"similar"|"shop", productId, title, k, filter}
     shown: 0, request: 0,
+    detected: [], // the items /detect found in the photo: {bbox: [l, t, r, b], category, score}
+    detectRequest: 0,
   };
 
   class ApiError extends Error {
@@ -107,7 +110,110 @@
     el.scene.alt = `Your photo: ${state.fileName}`;
     el.scene.src = state.objectUrl;
     clearMessages();
+    detectItems();
   }
+
+  // ------------------------------------------------------------------ detected items and the whole look
+
+  const shortName = (path) => String(path || "").split("|").pop();
+
+  function showDetections(items) {
+    state.detected = items;
+    el.detections.replaceChildren();
+    el.detectedList.replaceChildren();
+    items.forEach((item, index) => {
+      const [l, t, r, b] = item.bbox;
+      const outline = document.createElement("div");
+      outline.className = "detection";
+      outline.dataset.index = String(index);
+      outline.dataset.category = item.category;
+      Object.assign(outline.style, {
+        left: `${l * 100}%`, top: `${t * 100}%`, width: `${(r - l) * 100}%`, height: `${(b - t) * 100}%`,
+      });
+      const tag = document.createElement("span");
+      tag.textContent = shortName(item.category);
+      outline.append(tag);
+      el.detections.append(outline);
+      const entry = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "detected-item";
+      button.dataset.index = String(index);
+      button.textContent = `${shortName(item.category)} · ${Number(item.score).toFixed(2)}`;
+      button.setAttribute("aria-label", `Search the ${shortName(item.category)} found in the photo`);
+      button.addEventListener("click", () => chooseDetection(index));
+      entry.append(button);
+      el.detectedList.append(entry);
+    });
+    el.shopLook.hidden = items.length === 0;
+    el.detected.hidden = false;
+    el.detectStatus.textContent = items.length
+      ? `Found ${items.length} item${items.length === 1 ? "" : "s"}: tap one to search it, or shop the whole look.`
+      : "No items found in this photo: draw a box around one.";
+  }
+
+  function hideDetections(reason) {
+    state.detected = [];
+    el.detections.replaceChildren();
+    el.detectedList.replaceChildren();
+    el.shopLook.hidden = true;
+    el.detected.hidden = !reason;
+    el.detectStatus.textContent = reason || "";
+  }
+
+  async function detectItems() {
+    const id = ++state.detectRequest;
+    hideDetections("");
+    if (!state.file) return;
+    const form = new FormData();
+    form.append("image", state.file, state.fileName);
+    try {
+      const answer = await getJson("detect", { method: "POST", body: form });
+      if (id !== state.detectRequest) return;
+      const items = (Array.isArray(answer.items) ? answer.items : []).filter(
+        (item) => Array.isArray(item.bbox) && item.bbox.length === 4 && item.bbox.every(Number.isFinite));
+      showDetections(items);
+    } catch (error) {
+      if (id !== state.detectRequest) return;
+      // No detector in this version (503), or no key yet: drawing a box still works.
+      hideDetections(error instanceof ApiError && error.status === 503 ? "" : `Item detection: ${error.message}`);
+    }
+  }
+
+  function detectionAt(point) {
+    // The smallest detected box holding the point: nested items (a bag on a coat) stay reachable.
+    let found = -1;
+    let area = Infinity;
+    state.detected.forEach((item, index) => {
+      const [l, t, r, b] = item.bbox;
+      if (point.x >= l && point.x <= r && point.y >= t && point.y <= b && (r - l) * (b - t) < area) {
+        found = index;
+        area = (r - l) * (b - t);
+      }
+    });
+    return found;
+  }
+
+  async function chooseDetection(index) {
+    const item = state.detected[index];
+    if (!item) return;
+    const [l, t, r, b] = item.bbox;
+    setBox({ l, t, r, b });
+    for (const outline of el.detections.children) outline.classList.toggle("chosen", outline.dataset.index === String(index));
+    const option = Array.from(el.category.options).find((entry) => entry.value === item.category);
+    if (option) {
+      el.category.value = option.value;
+      await loadFacets(option.value);
+    }
+    if (el.category.value === item.category) startSearch(photoQuery());
+    else showError(`The detected category ${item.category} cannot be searched here.`);
+  }
+
+  el.shopLook.addEventListener("click", () => {
+    clearMessages();
+    if (!state.file) { showError("Choose a photo first."); return; }
+    startSearch({ kind: "shop", k: Math.min(Number(el.pageSize.value) || 12, 8) });
+  });
 
   el.scene.addEventListener("load", () => { state.sceneReady = true; });
   el.scene.addEventListener("error", () => {
@@ -193,9 +299,9 @@
       const anchor = { x: handle.includes("w") ? box.r : box.l, y: handle.includes("n") ? box.b : box.t };
       drag = { mode: "resize", anchor };
     } else if (event.target === el.box && state.box) {
-      drag = { mode: "move", start: point, box: { ...state.box } };
+      drag = { mode: "move", start: point, box: { ...state.box }, previous: state.box };
     } else {
-      drag = { mode: "draw", anchor: point };
+      drag = { mode: "draw", anchor: point, previous: state.box };
       setBox(spanning(point, point));
     }
     el.stage.setPointerCapture(event.pointerId);
@@ -217,12 +323,23 @@
 
   function endDrag(event) {
     if (!drag) return;
+    const ended = drag;
     drag = null;
     if (el.stage.hasPointerCapture(event.pointerId)) el.stage.releasePointerCapture(event.pointerId);
     const box = state.box;
-    if (box && (box.r - box.l < MIN_BOX || box.b - box.t < MIN_BOX)) setBox(null);
+    const tapped = ended.mode === "move" ? box === ended.box || sameBox(box, ended.box)
+      : box && (box.r - box.l < MIN_BOX || box.b - box.t < MIN_BOX);
+    // A tap (no drag) inside a detected item chooses it and searches.
+    const chosen = tapped ? detectionAt(pointAt(event)) : -1;
+    if (chosen >= 0) {
+      chooseDetection(chosen);
+      return;
+    }
+    if (ended.mode === "draw" && tapped) setBox(null);
     else if (box) el.box.focus({ preventScroll: true });
   }
+
+  const sameBox = (a, b) => Boolean(a && b) && ["l", "t", "r", "b"].every((key) => Math.abs(a[key] - b[key]) < 1e-6);
   el.stage.addEventListener("pointerup", endDrag);
   el.stage.addEventListener("pointercancel", endDrag);
 
@@ -439,6 +556,7 @@
 
   function startSearch(query) {
     if (query.kind === "recommend" && (!state.file || !el.category.value)) return;
+    if (query.kind === "shop" && !state.file) return;
     state.query = query;
     state.shown = 0;
     fetchPage(query, 0, false);
@@ -452,6 +570,10 @@
     }
     const form = new FormData();
     form.append("image", state.file, state.fileName);
+    if (query.kind === "shop") {
+      form.append("k", String(query.k));
+      return getJson("shop", { method: "POST", body: form });
+    }
     form.append("category", el.category.value);
     form.append("k", String(query.k));
     form.append("offset", String(offset));
@@ -484,7 +606,39 @@
     }
   }
 
+  function renderShop(answer, query) {
+    const items = Array.isArray(answer.items) ? answer.items : [];
+    el.results.replaceChildren();
+    items.forEach((item, index) => {
+      const group = document.createElement("li");
+      group.className = "shop-group";
+      group.dataset.category = item.category;
+      group.dataset.index = String(index);
+      const heading = document.createElement("h3");
+      const score = number(item.score);
+      heading.textContent = `${shortName(item.category)}${score === null ? "" : ` · ${score.toFixed(2)}`}` +
+        (item.source === "popularity" ? " · popular picks" : "");
+      group.append(heading);
+      const products = document.createElement("ul");
+      products.className = "grid";
+      for (const product of Array.isArray(item.products) ? item.products : []) products.append(card(product));
+      group.append(products);
+      el.results.append(group);
+    });
+    state.shown = items.length;
+    el.fallback.hidden = true;
+    el.mode.textContent = `The whole look: ${items.length} item${items.length === 1 ? "" : "s"}`;
+    const took = number(answer.took_ms);
+    el.took.textContent = took === null ? "" : ` · answered in ${took < 10 ? took.toFixed(1) : Math.round(took)} ms`;
+    el.meta.hidden = false;
+    el.note.hidden = !answer.note && items.length > 0;
+    el.note.textContent = answer.note || (items.length ? "" : "No items found in this photo.");
+    el.more.hidden = true;
+    if (query.k && items.length === 0) el.note.hidden = false;
+  }
+
   function render(answer, query, append) {
+    if (query.kind === "shop") { renderShop(answer, query); return; }
     const items = Array.isArray(answer.items) ? answer.items : [];
     if (!append) el.results.replaceChildren();
     for (const item of items) el.results.append(card(item));

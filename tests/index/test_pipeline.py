@@ -15,7 +15,8 @@ from training.io import file_sha256
 def _argv(tmp_path: Path, *extra: str) -> list[str]:
     return ["--data", str(tmp_path / "data"), "--work", str(tmp_path / "work"),
             "--artifacts", str(tmp_path / "artifacts"), "--backbone", "tiny", "--device", "cpu",
-            "--scenes", "80", "--products", "40", "--epochs", "2", *extra]
+            "--scenes", "80", "--products", "40", "--epochs", "2", "--detector-size", "64", "--detector-epochs", "1",
+            *extra]
 
 
 @pytest.mark.slow

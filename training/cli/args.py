@@ -52,3 +52,16 @@ def add_split_seed_arg(parser: argparse.ArgumentParser, help: str = "seed of the
 
 def add_progress_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+ENGINES = ("local", "ray")  # training.exec.executor.ENGINES, named here without importing torch
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """--engine (where the embedding runs: this process, or a Ray cluster) and --ray-address."""
+    parser.add_argument("--engine", choices=ENGINES, default="local",
+                        help="local: this process (decoding in --workers processes); ray: a Ray actor pool, one "
+                             "model per actor (one GPU each when the cluster has GPUs)")
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster to join (default: $RAY_ADDRESS; without either a local Ray starts and "
+                             "stops with the job)")

@@ -12,10 +12,12 @@ from training.cli.args import (
     add_context_arg,
     add_data_arg,
     add_device_arg,
+    add_engine_args,
     add_progress_arg,
     add_workers_arg,
 )
 from training.errors import TrainingError
+from training.exec.choose import open_executor
 from training.fit.features import extract_features
 from training.model.backbones import available
 
@@ -34,6 +36,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64)
     add_workers_arg(parser, help="decoding worker processes (0: in process)")
     add_device_arg(parser)
+    parser.add_argument("--images", default=None,
+                        help="where the images are when not under DATA/images: a folder or a URI holding scenes/ "
+                             "and products/ (s3://bucket/stl, gs://..., https://host/stl; read through fsspec)")
+    add_engine_args(parser)
     add_progress_arg(parser)
     return parser
 
@@ -41,9 +47,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        cached = extract_features(args.data, args.cache, args.backbone, args.backbone_weights, args.context,
-                                  args.jpeg_draft, args.device, args.batch_size, args.workers,
-                                  progress=not args.no_progress)
+        with open_executor(args.engine, args.ray_address, args.workers) as executor:
+            cached = extract_features(args.data, args.cache, args.backbone, args.backbone_weights, args.context,
+                                      args.jpeg_draft, args.device, args.batch_size, args.workers,
+                                      progress=not args.no_progress, executor=executor, images=args.images)
     except TrainingError as exc:
         return report(exc)
     print(json.dumps({

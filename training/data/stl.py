@@ -3,6 +3,10 @@
 A dataset directory holds `pairs.jsonl` (one `{"product", "scene", "bbox"}` object per line, the
 upstream `fashion.json`), `categories.json` (`{product_id: "A|B|C"}`, the upstream
 `fashion-cat.json`) and `images/scenes/<id>.jpg`, `images/products/<id>.jpg`.
+
+The images may live elsewhere: `STLDataset.open(root, images="s3://bucket/stl")` reads
+`<images>/scenes/<id>.jpg` and `<images>/products/<id>.jpg` through fsspec (s3://, gs://, https://, file://),
+so workers on other machines read the same files. `read_bytes(location)` reads a path or a URI.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from training.errors import DataError, UnknownCategory
+from training.errors import DataError, Unavailable, UnknownCategory
 from training.io import file_sha256
 
 LOG = logging.getLogger(__name__)
@@ -38,6 +42,11 @@ Kind = Literal["scene", "product"]
 KINDS: tuple[Kind, ...] = ("scene", "product")
 # Ids become file names (images/products/<id>.jpg), so only these characters: the one id rule.
 ID_PATTERN = re.compile(r"^[0-9a-zA-Z_-]{1,128}$")
+
+
+# A location is a local path or a URI with a scheme fsspec knows ("s3://...", "https://..."); a Windows
+# drive letter ("C:\\...") has one letter before the colon and stays a path.
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")
 
 
 def is_valid_id(value: object) -> bool:
@@ -266,6 +275,27 @@ def product_path(root: str | Path, product_id: str) -> Path:
     return Path(root) / PRODUCTS_DIR / f"{product_id}{IMAGE_SUFFIX}"
 
 
+def is_uri(location: str | Path) -> bool:
+    return isinstance(location, str) and _URI.match(location) is not None
+
+
+def read_bytes(location: str | Path) -> bytes:
+    """The bytes of an image at a local path or a URI (fsspec: s3://, gs://, https://, file://).
+
+    A URI needs fsspec, plus the store's own package (s3fs, gcsfs, aiohttp for http); a missing file is a
+    FileNotFoundError either way.
+    """
+    if not is_uri(location):
+        return Path(location).read_bytes()
+    try:
+        import fsspec  # only URIs need it: a dataset on local disk reads without it
+    except ImportError as exc:
+        raise Unavailable(f"reading {location} needs fsspec (pip install fsspec, and s3fs/gcsfs/aiohttp for the "
+                        f"store)") from exc
+    with fsspec.open(str(location), "rb") as source:
+        return source.read()
+
+
 def _find(root: Path, names: Sequence[str]) -> Path:
     for name in names:
         if (root / name).is_file():
@@ -292,28 +322,32 @@ def dataset_fingerprint(root: str | Path) -> str:
 
 @dataclass
 class STLDataset:
-    """A dataset directory: its pairs, categories and images."""
+    """A dataset directory: its pairs, categories and images (under `root`, or under the `images` URI)."""
 
     root: Path
     pairs: list[Pair]
     categories: CategoryMap
     report: LoadReport
+    images: str | None = None  # base URI of scenes/ and products/; None: root/images on local disk
 
     @classmethod
-    def open(cls, root: str | Path, on_error: OnError = "raise", check_images: bool = True) -> STLDataset:
+    def open(cls, root: str | Path, on_error: OnError = "raise", check_images: bool = True,
+             images: str | None = None) -> STLDataset:
+        """Read a dataset directory. With `images` (a URI or a folder) the image files are read from there and
+        not checked at open (a remote store would cost a request per image); unreadable ones fail at use."""
         root = Path(root)
         categories = CategoryMap.from_file(categories_file(root))
         report = LoadReport()
         pairs = read_pairs(
             pairs_file(root),
             categories,
-            image_root=root if check_images else None,
+            image_root=root if check_images and images is None else None,
             on_error=on_error,
             report=report,
         )
         LOG.info("loaded %d pairs (%d skipped) and %d products from %s", len(pairs), report.skipped,
                  len(categories), root)
-        return cls(root, pairs, categories, report)
+        return cls(root, pairs, categories, report, images)
 
     def scene_path(self, scene_id: str) -> Path:
         return scene_path(self.root, scene_id)
@@ -321,6 +355,22 @@ class STLDataset:
     def product_path(self, product_id: str) -> Path:
         return product_path(self.root, product_id)
 
+    def scene_location(self, scene_id: str) -> str:
+        """Where a scene image is read from: a local path, or a URI under `images` (see `read_bytes`)."""
+        return self._location(SCENES_DIR, scene_id)
+
+    def product_location(self, product_id: str) -> str:
+        return self._location(PRODUCTS_DIR, product_id)
+
+    def _location(self, folder: Path, image_id: str) -> str:
+        if self.images is None:
+            return str(self.root / folder / f"{image_id}{IMAGE_SUFFIX}")
+        return f"{self.images.rstrip('/')}/{folder.name}/{image_id}{IMAGE_SUFFIX}"
+
     def catalogue(self) -> list[str]:
-        """Every product id that has a category and an image, sorted: what an index is built from."""
+        """Every product id that has a category and an image, sorted: what an index is built from.
+
+        With remote `images` every product with a category (an image that cannot be read fails at use)."""
+        if self.images is not None:
+            return sorted(self.categories.product_to_path)
         return [pid for pid in sorted(self.categories.product_to_path) if self.product_path(pid).is_file()]

@@ -21,24 +21,22 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from training.data.stl import KINDS, BBox, Kind, Pair, STLDataset
+from training.data.stl import KINDS, Kind, Pair, STLDataset
 from training.errors import DataError, TrainingError
+from training.exec.executor import EmbedJob, Executor, ImageItem, LocalExecutor
 from training.io import write_text_atomic
 from training.model.backbones import load_backbone
-from training.model.batch_runtime import batch_runtime
 from training.model.embedder import Embedder
-from training.model.preprocess import Preprocess, load_crop
-from training.model.runtimes import Runtime, RuntimeName
+from training.model.preprocess import Preprocess
+from training.model.runtimes import RuntimeName
 
 LOG = logging.getLogger(__name__)
 
@@ -50,10 +48,8 @@ DTYPE = np.float32
 # Every incremental run adds a segment; past this many per kind they are merged so opens stay cheap.
 MAX_SEGMENTS = 16
 _SEGMENT_RE = re.compile(r"^(scene|product)-(\d{6})\.npy$")
-# Decode/crop problems that belong to the image itself: recorded and never retried. A missing or
-# unreadable file (FileNotFoundError, PermissionError) may be fixed, so it is reported but retried.
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-_TRANSIENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError)
+# Decode/crop problems that belong to the image itself are recorded and never retried; a missing or
+# unreachable file may be fixed, so it is reported but retried (`training.exec.executor.decode_item`).
 
 
 class FeatureCacheError(TrainingError, RuntimeError):
@@ -231,37 +227,7 @@ def _read_failed(directory: Path) -> tuple[dict[str, str], dict[str, str]]:
 class _Item:
     kind: Kind
     key: str
-    path: str
-    bbox: BBox | None
-
-
-class _ImageFiles(Dataset):
-    """Decode + crop + resize + normalise in DataLoader workers, with the embedder's own preprocessing."""
-
-    def __init__(self, items: Sequence[_Item], preprocess: Preprocess) -> None:
-        self.items = items
-        self.preprocess = preprocess
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None, bool]:
-        item = self.items[position]
-        try:
-            return position, load_crop(item.path, item.bbox, self.preprocess), None, False
-        except _TRANSIENT_ERRORS as exc:
-            return position, None, f"{type(exc).__name__}: {exc}", True
-        except _IMAGE_ERRORS as exc:
-            return position, None, f"{type(exc).__name__}: {exc}", False
-
-
-def _collate(samples: list[tuple[int, torch.Tensor | None, str | None, bool]]) -> dict:
-    good = [(position, tensor) for position, tensor, _, _ in samples if tensor is not None]
-    return {
-        "positions": [position for position, _ in good],
-        "batch": torch.stack([tensor for _, tensor in good]) if good else None,
-        "errors": [(position, error, transient) for position, _, error, transient in samples if error is not None],
-    }
+    image: ImageItem
 
 
 class _SegmentWriter:
@@ -356,10 +322,11 @@ def _wanted(dataset: STLDataset, pairs: Sequence[Pair], products: Sequence[str])
     items: dict[tuple[str, str], _Item] = {}
     for pair in pairs:
         key = scene_key(pair)
-        items.setdefault(("scene", key), _Item("scene", key, str(dataset.scene_path(pair.scene_id)), pair.bbox))
+        items.setdefault(("scene", key), _Item("scene", key, ImageItem(dataset.scene_location(pair.scene_id),
+                                                                        pair.bbox)))
     for product_id in products:
         items.setdefault(("product", product_id),
-                         _Item("product", product_id, str(dataset.product_path(product_id)), None))
+                         _Item("product", product_id, ImageItem(dataset.product_location(product_id))))
     return list(items.values())
 
 
@@ -374,6 +341,8 @@ def cache_features(
     progress: bool = True,
     runtime: RuntimeName = "auto",
     export_dir: Path | None = None,
+    executor: Executor | None = None,
+    load: Callable[[str], Embedder] | None = None,
 ) -> CachedFeatures:
     """Extract the backbone features of every scene crop and product image not yet cached; open the cache.
 
@@ -382,6 +351,10 @@ def cache_features(
     The backbone runs in `runtime` (`training.model.batch_runtime`: OpenVINO on a CPU with `auto`, over
     `export_dir` when it holds the embedder's export); its features equal torch's within 1e-5, so the cache
     key does not name the runtime.
+
+    `executor` runs the extraction (default: `LocalExecutor(workers)`, this process); a remote one (Ray) needs
+    `load`, a picklable device -> Embedder that rebuilds `embedder` on a worker (e.g. `backbone_loader(...)`).
+    Either way this process writes the segments, chunk by chunk as results arrive.
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -408,49 +381,37 @@ def cache_features(
         LOG.info("feature cache %s: %d scene crops and %d products cached, %d to extract",
                  directory, len(existing["scene"]), len(existing["product"]), len(missing))
         if missing:
-            with batch_runtime(embedder, runtime, export_dir) as engine:
-                computed = _extract(directory, engine, embedder.preprocess, embedder.backbone.dim, missing,
-                                    batch_size, workers, progress, pin_memory=embedder.device.type == "cuda")
+            job = EmbedJob("features", load, runtime, batch_size, export_dir, loaded=embedder)
+            computed = _extract(directory, executor or LocalExecutor(workers), job, embedder.backbone.dim, missing,
+                                progress)
             counts = {kind: len(_Table(directory, kind, embedder.backbone.dim)) for kind in KINDS}
             _update_counts(directory, fingerprint, counts)
     return CachedFeatures(directory, computed=computed)
 
 
-def _extract(directory: Path, runtime: Runtime, preprocess: Preprocess, backbone_dim: int, missing: list[_Item],
-             batch_size: int, workers: int, progress: bool, pin_memory: bool = False) -> int:
+def _extract(directory: Path, executor: Executor, job: EmbedJob, backbone_dim: int, missing: list[_Item],
+             progress: bool) -> int:
     seq = _next_seq(directory)
     writers: dict[str, _SegmentWriter] = {}
     for offset, kind in enumerate(KINDS):
         capacity = sum(item.kind == kind for item in missing)
         if capacity:
             writers[kind] = _SegmentWriter(directory, kind, seq + offset, capacity, backbone_dim)
-    loader = DataLoader(
-        _ImageFiles(missing, preprocess),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=pin_memory,
-        # Workers decode the next batches while the backbone runs; 2 batches ahead hides decode jitter.
-        prefetch_factor=2 if workers > 0 else None,
-    )
     computed, failures_seen = 0, 0
     try:
         with tqdm(total=len(missing), unit="img", desc="features", disable=not progress) as bar:
-            for chunk in loader:
-                failures = [(missing[position], error, transient) for position, error, transient in chunk["errors"]]
+            for chunk in executor.map_embed(job, [item.image for item in missing]):
+                failures = [(missing[position], error, transient) for position, error, transient in chunk.errors]
                 for item, error, _ in failures:
-                    LOG.warning("skipping %s %s (%s): %s", item.kind, item.key, item.path, error)
+                    LOG.warning("skipping %s %s (%s): %s", item.kind, item.key, item.image.location, error)
                 _record_failures(directory, [(item, error) for item, error, transient in failures if not transient])
                 failures_seen += len(failures)
-                if chunk["batch"] is not None:
-                    features = runtime.backbone_features(chunk["batch"].numpy())
-                    positions = np.asarray(chunk["positions"])
+                if len(chunk.positions):
                     for kind, writer in writers.items():
-                        rows = [i for i, position in enumerate(positions) if missing[position].kind == kind]
-                        writer.append([missing[positions[i]].key for i in rows], features[rows])
-                    computed += len(positions)
-                bar.update(len(chunk["positions"]) + len(chunk["errors"]))
+                        rows = [i for i, position in enumerate(chunk.positions) if missing[position].kind == kind]
+                        writer.append([missing[chunk.positions[i]].key for i in rows], chunk.values[rows])
+                    computed += len(chunk.positions)
+                bar.update(len(chunk.positions) + len(chunk.errors))
     finally:
         for writer in writers.values():
             writer.close()
@@ -458,6 +419,17 @@ def _extract(directory: Path, runtime: Runtime, preprocess: Preprocess, backbone
         LOG.warning("%d of %d images could not be read or cropped; see %s", failures_seen, len(missing),
                     directory / FAILED_FILE)
     return computed
+
+
+def _backbone_embedder(backbone: str, backbone_weights: str | Path | None, context: float, jpeg_draft: bool,
+                       device: str) -> Embedder:
+    return Embedder(load_backbone(backbone, backbone_weights), context=context, device=device, jpeg_draft=jpeg_draft)
+
+
+def backbone_loader(backbone: str, backbone_weights: str | Path | None = None, context: float = 0.1,
+                    jpeg_draft: bool = False) -> Callable[[str], Embedder]:
+    """A picklable device -> Embedder (no head) for remote workers: the weights file must be visible there."""
+    return partial(_backbone_embedder, backbone, backbone_weights, context, jpeg_draft)
 
 
 def extract_features(
@@ -472,15 +444,20 @@ def extract_features(
     workers: int = 2,
     progress: bool = True,
     runtime: RuntimeName = "auto",
+    executor: Executor | None = None,
+    images: str | None = None,
 ) -> CachedFeatures:
-    """Cache the backbone features of a whole dataset (records that do not load are skipped); open the cache."""
+    """Cache the backbone features of a whole dataset (records that do not load are skipped); open the cache.
+
+    `images`: where the image files are when not under `data/images` (a URI, see `STLDataset.open`)."""
     if context < 0:
         raise DataError(f"--context must be >= 0, got {context}")
     try:
-        dataset = STLDataset.open(data, on_error="skip")
+        dataset = STLDataset.open(data, on_error="skip", images=images)
     except FileNotFoundError as exc:  # STLDataset.open's other failures are DataErrors already
         raise DataError(f"cannot open dataset {data}: {exc}") from exc
     embedder = Embedder(load_backbone(backbone, backbone_weights), context=context, device=device,
                         jpeg_draft=jpeg_draft)
     return cache_features(dataset, embedder, Path(cache_root), batch_size=batch_size, workers=workers,
-                          progress=progress, runtime=runtime)
+                          progress=progress, runtime=runtime, executor=executor,
+                          load=backbone_loader(backbone, backbone_weights, context, jpeg_draft))

@@ -11,13 +11,17 @@ normalised box on the network's input is the same normalised box on the original
 
 from __future__ import annotations
 
+import copy
 import logging
+import shutil
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -26,13 +30,28 @@ from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FeaturePyramidNetwork
 
-from training.data.stl import BBox
 from training.errors import DataError, ModelMismatch
 from training.io import atomic_path, file_sha256
 from training.model.backbones import Backbone, load_backbone
+from training.model.detect_post import (
+    CHECKPOINT_FILE,
+    GRAPH_FILE,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    Detection,
+    DetectorExport,
+    DetectorExportError,
+    DetectorGraph,
+    Level,
+)
 from training.model.device import resolve_device
 from training.model.embedder import freeze_for_cpu
 from training.model.preprocess import Preprocess, to_tensor
+
+try:
+    import onnx
+except ImportError:  # optional: without it a detector cannot be exported (an index build says so)
+    onnx = None
 
 LOG = logging.getLogger(__name__)
 
@@ -44,13 +63,6 @@ DEFAULT_IMAGE_SIZE = 320
 
 class DetectorMismatch(ModelMismatch):
     """A detector checkpoint does not fit the backbone found here, or is not a detector checkpoint."""
-
-
-@dataclass(frozen=True)
-class Detection:
-    bbox: BBox  # normalised [left, top, right, bottom]
-    category: str  # full category path
-    score: float
 
 
 @dataclass(frozen=True)
@@ -366,3 +378,89 @@ def load_detector(path: str | Path, device: str | torch.device = "auto",
         raise DetectorMismatch(f"detector {path} was trained with preprocessing {checkpoint.preprocess.to_dict()}, "
                                f"but {backbone.name} preprocesses as {detector.preprocess.to_dict()}")
     return detector
+
+
+# ---------------------------------------------------------------- export for a torch-free server
+
+EXPORT_OPSET = 17
+# Raw outputs (logits, ltrb codes) of fp32 ONNX vs torch differ by float rounding only; more is a broken export.
+MAX_EXPORT_DIFF = 1e-3
+
+
+class _RawDetector(nn.Module):
+    """Image batch -> the FCOS head's raw outputs over every point: what `detect_post.decode` takes."""
+
+    def __init__(self, detector: Detector) -> None:
+        super().__init__()
+        # CPU copies of the eager modules: the live pyramid may be frozen TorchScript, on a GPU.
+        self.pyramid = build_pyramid(detector.backbone).cpu()
+        self.neck = copy.deepcopy(detector.net.fcos.backbone).cpu()
+        self.head = copy.deepcopy(detector.net.fcos.head).cpu()
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        outputs = self.head(self.neck(list(self.pyramid(images))))
+        return outputs["cls_logits"], outputs["bbox_regression"], outputs["bbox_ctrness"]
+
+
+def _levels(detector: Detector) -> list[Level]:
+    size = detector.config.image_size
+    with torch.inference_mode():
+        maps = build_pyramid(detector.backbone)(torch.zeros(1, 3, size, size))
+    strides = detector.net.spec.strides
+    return [Level(int(m.shape[2]), int(m.shape[3]), size // int(m.shape[2]), int(stride))
+            for m, stride in zip(maps, strides, strict=True)]
+
+
+def export_detector(detector: Detector, checkpoint: str | Path, out_dir: str | Path) -> DetectorExport:
+    """Copy `checkpoint` (the detector's own file) into `out_dir` beside its ONNX graph and `detector.json`.
+
+    The graph runs the pyramid, FPN and head for the fixed square input (dynamic batch); DetectorExportError
+    without the onnx package."""
+    if onnx is None:
+        raise DetectorExportError("exporting the detector needs the onnx package (pip install onnx)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if Path(checkpoint).resolve() != (out_dir / CHECKPOINT_FILE).resolve():
+        shutil.copyfile(checkpoint, out_dir / CHECKPOINT_FILE)
+    size = detector.config.image_size
+    module = _RawDetector(detector)
+    graph = out_dir / GRAPH_FILE
+    with atomic_path(graph) as temp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros(2, 3, size, size),), str(temp), dynamo=False,
+                          opset_version=EXPORT_OPSET, do_constant_folding=True, input_names=[INPUT_NAME],
+                          output_names=list(OUTPUT_NAMES),
+                          dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)})
+        onnx.checker.check_model(str(temp), full_check=True)
+    checkpoint_data = read_detector_checkpoint(out_dir / CHECKPOINT_FILE)
+    export = DetectorExport(
+        image_size=size, preprocess=detector.preprocess.to_dict(), categories=list(detector.categories),
+        levels=_levels(detector), graph_file=GRAPH_FILE, graph_sha256=file_sha256(graph),
+        checkpoint_sha256=checkpoint_data.sha256 or "", backbone=detector.backbone.name,
+        backbone_weights_sha256=detector.backbone.weights_sha256,
+        exporter=f"torch {torch.__version__} torchscript-onnx")
+    export.write(out_dir)
+    return export
+
+
+def check_detector_export(detector: Detector, out_dir: str | Path, runtime: str = "auto", batch: int = 2,
+                          seed: int = 0, max_diff: float = MAX_EXPORT_DIFF) -> float:
+    """Largest absolute difference between torch's and the runtime's raw outputs on a seeded batch, recorded in
+    `detector.json`; DetectorExportError when over `max_diff` (relative to the outputs' scale)."""
+    size = detector.config.image_size
+    inputs = np.random.default_rng(seed).uniform(-1.0, 1.0, (batch, 3, size, size)).astype(np.float32)
+    with torch.inference_mode():
+        expected = [t.numpy() for t in _RawDetector(detector)(torch.from_numpy(inputs))]
+    graph = DetectorGraph(out_dir, runtime)
+    got = graph.raw(inputs)
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(expected, got, strict=True))
+    scale = max(1.0, max(float(np.max(np.abs(a))) for a in expected))
+    if diff > max_diff * scale:
+        raise DetectorExportError(f"the exported detector's outputs differ from torch's by {diff:.3g} in "
+                                  f"{graph.name} (allowed {max_diff * scale:.3g})")
+    export = DetectorExport.read(out_dir)
+    updated = DetectorExport(**{**export.__dict__, "max_abs_diff": diff})
+    updated.write(out_dir)
+    LOG.info("detector export checked in %s: max |torch - export| = %.3g", graph.name, diff)
+    return diff
