@@ -9,24 +9,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
 from index.build import build
 from service.app import create_app
-from tests.browser.shop import Shop, write_shop
-from tests.service.conftest import make_checkpoint, make_settings
+from tests.browser.shop import Shop, serving, write_shop
+from tests.service.helpers import make_checkpoint, make_settings
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 TIMEOUT_MS = 15_000
@@ -52,29 +46,6 @@ def install_chromium() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return find_chromium()
-
-
-@contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    """Real uvicorn on an ephemeral loopback port (as tests/service/test_uvicorn.py); yields its base URL."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        listener.close()
-        assert not thread.is_alive()
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from service.app import create_app
-from tests.browser.conftest import serving
+from tests.browser.shop import serving
 from tests.browser.test_page import answers, await_answer, upload
 from tests.index.detection import BAGS, SHOES, build_box_shop, scene_bytes
-from tests.service.conftest import make_settings
+from tests.service.helpers import make_settings
 
 pytestmark = pytest.mark.browser
 

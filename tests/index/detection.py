@@ -10,8 +10,7 @@ import torch
 from PIL import Image
 
 from index.build import build
-from tests.fixtures import make_tiny_checkpoint
-from tests.training.fit.test_detector import BOX_CATEGORIES, write_box_dataset
+from tests.fixtures import BOX_CATEGORIES, make_tiny_checkpoint, write_box_dataset
 from training.data.products import PRODUCTS_FILE, Product, write_products
 from training.fit.detector import DetectorFitOptions, fit_detector
 

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.access import AccessError, RateLimiter, key_id, read_keys
 from service.app import create_app
-from tests.service.conftest import make_settings, scene_jpeg
+from tests.service.helpers import make_settings, scene_jpeg
 
 GOOD = "stl-key-Alpha-7f3a9c"
 OTHER = "stl-key-Bravo-51d2e0"

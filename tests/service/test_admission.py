@@ -20,7 +20,7 @@ from service.batching import Batcher, JobExpired
 from service.engine import Engine
 from service.metrics import Metrics
 from service.middleware import AdmissionGate
-from tests.service.conftest import make_settings, post, scene_jpeg
+from tests.service.helpers import make_settings, post, scene_jpeg
 
 
 class SlowModel:

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.service.conftest import draw, encode, post, scene_jpeg
+from tests.service.helpers import draw, encode, post, scene_jpeg
 
 
 def png_with_size(width: int, height: int) -> bytes:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from service.launch import wait_until_ready
-from tests.service.conftest import scene_jpeg
+from tests.service.helpers import scene_jpeg
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = 20

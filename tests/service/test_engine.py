@@ -14,7 +14,7 @@ import service.routes
 from service.engine import Engine, NotServing, RankedItem, preprocess_inline
 from service.images import BadInput, parse_bbox
 from service.metrics import Metrics
-from tests.service.conftest import SHOES, make_settings, post, scene_jpeg
+from tests.service.helpers import SHOES, make_settings, post, scene_jpeg
 from tests.service.test_fallback import expected_popular
 
 

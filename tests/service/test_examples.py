@@ -10,7 +10,7 @@ from PIL import Image
 from index.artifact import open_artifact
 from index.examples import read_examples
 from service.app import create_app
-from tests.service.conftest import make_settings
+from tests.service.helpers import make_settings
 
 
 def test_examples_list_test_split_scenes_with_their_boxes(built) -> None:

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from index.artifact import open_artifact
 from service.app import create_app
-from tests.service.conftest import PANTS, SHOES, make_settings, post
+from tests.service.helpers import PANTS, SHOES, make_settings, post
 from training.data.popularity import Popularity
 from training.model.runtimes import ExportManifest
 

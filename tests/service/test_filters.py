@@ -12,7 +12,7 @@ from index.artifact import open_artifact
 from index.catalogue import Catalogue
 from index.filters import FilterError, matches, parse_filter
 from service.images import parse_bbox
-from tests.service.conftest import BAGS, SHOES, post, scene_jpeg
+from tests.service.helpers import BAGS, SHOES, post, scene_jpeg
 from tests.service.test_fallback import metric
 from training.model.checkpoint import load_embedder
 

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from service.app import create_app
 from service.engine import batch_workers
 from service.settings import Settings, get_settings
-from tests.service.conftest import make_settings, post
+from tests.service.helpers import make_settings, post
 from tests.service.test_fallback import metric
 
 

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from index.artifact import open_artifact
 from index.catalogue import CATALOGUE_FILE, Catalogue
 from service.app import create_app
-from tests.service.conftest import SHOES, SHOP_DUPLICATE, make_settings, post
+from tests.service.helpers import SHOES, SHOP_DUPLICATE, make_settings, post
 from tests.service.test_filters import allowed_ids, brute_force, stored_vector
 
 PRODUCT_FIELDS = ("title", "brand", "price", "currency", "url", "in_stock")

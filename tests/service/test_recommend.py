@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from index.artifact import open_artifact
 from service.app import create_app
 from service.images import parse_bbox
-from tests.service.conftest import BAGS, CATEGORIES, PANTS, SHOES, make_settings, post, scene_jpeg
+from tests.service.helpers import BAGS, CATEGORIES, PANTS, SHOES, make_settings, post, scene_jpeg
 from training.model.checkpoint import load_embedder
 
 
@@ -61,7 +61,7 @@ def test_bbox_changes_the_answer(client: TestClient) -> None:
 def test_png_and_webp_are_accepted(client: TestClient) -> None:
     from PIL import Image
 
-    from tests.service.conftest import draw, encode
+    from tests.service.helpers import draw, encode
 
     picture: Image.Image = draw(np.random.default_rng(5), 80)
     for image_format in ("PNG", "WEBP"):

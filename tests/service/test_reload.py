@@ -11,7 +11,7 @@ from pydantic import SecretStr
 from index.artifact import current_version
 from index.publish import switch_current
 from service.app import create_app
-from tests.service.conftest import build_version, make_settings, post, scene_jpeg
+from tests.service.helpers import build_version, make_settings, post, scene_jpeg
 from training.model.runtimes import ExportManifest
 
 TOKEN = "s3cret-token"

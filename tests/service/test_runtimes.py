@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.launch import wait_until_ready
-from tests.service.conftest import build_version, make_settings, post, scene_jpeg
+from tests.service.helpers import build_version, make_settings, post, scene_jpeg
 from training.model.runtimes import RuntimeUnavailable, installed
 from training.model.runtimes import openvino_runtime as ov_runtime
 

@@ -19,7 +19,7 @@ from service.app import create_app
 from service.launch import wait_until_ready
 from service.versions import LoadedVersion
 from tests.index.detection import BAGS, SHOES, build_box_shop, scene_bytes, truth
-from tests.service.conftest import make_settings, post, scene_jpeg
+from tests.service.helpers import make_settings, post, scene_jpeg
 from training.model.detect_post import box_iou
 from training.model.runtimes import installed
 

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 import service.versions
 from service.app import create_app
-from tests.service.conftest import make_settings, post
+from tests.service.helpers import make_settings, post
 
 
 def test_readyz_is_503_loading_until_the_background_load_finishes(artifacts: Path, monkeypatch) -> None:

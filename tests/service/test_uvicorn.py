@@ -15,7 +15,7 @@ import uvicorn
 
 from service.__main__ import main
 from service.app import create_app
-from tests.service.conftest import make_settings, scene_jpeg
+from tests.service.helpers import make_settings, scene_jpeg
 
 
 @pytest.fixture

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures import make_tiny_checkpoint
-from tests.training.fit.test_detector import write_box_dataset
+from tests.fixtures import make_tiny_checkpoint, write_box_dataset
 from training.__main__ import COMMANDS
 from training.cli import evaluate_detector, train_detector
 from training.errors import EXIT_INPUT, EXIT_MISMATCH, EXIT_UNAVAILABLE

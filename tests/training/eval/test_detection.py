@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.fixtures import make_tiny_checkpoint
-from tests.training.fit.test_detector import write_box_dataset
+from tests.fixtures import make_tiny_checkpoint, write_box_dataset
 from training.data.stl import STLDataset
 from training.eval.detection import SceneTruth, box_iou, coco_map, end_to_end, matching_detection, scene_truths
 from training.model.checkpoint import load_embedder

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from tests.fixtures import write_box_dataset
 from training.data.stl import STLDataset
 from training.eval.detection import box_iou, scene_truths
 from training.fit.detector import (
@@ -21,37 +20,6 @@ from training.fit.detector import (
 )
 from training.model.backbones import load_backbone
 from training.model.detector import Detector, DetectorNet, detection_preprocess, load_detector, pyramid_spec
-
-BOX_CATEGORIES = {"red": ("Apparel|Shoes", (220, 30, 30)), "blue": ("Apparel|Bags", (30, 40, 220))}
-
-
-def write_box_dataset(root: Path, scenes: int = 12, size: int = 64, seed: int = 0) -> Path:
-    """STL-format scenes on a grey ground with a red square (Shoes) and a blue bar (Bags) each, boxed."""
-    rng = np.random.default_rng(seed)
-    (root / "images" / "scenes").mkdir(parents=True)
-    (root / "images" / "products").mkdir(parents=True)
-    categories = {}
-    for name, (category, colour) in BOX_CATEGORIES.items():
-        categories[name] = category
-        Image.new("RGB", (24, 24), colour).save(root / "images" / "products" / f"{name}.jpg")
-    lines = []
-    for s in range(scenes):
-        image = Image.new("RGB", (size, size), (128, 128, 128))
-        draw = ImageDraw.Draw(image)
-        # red on the left half, blue on the right: never overlapping
-        for name, x_range in (("red", (2, size // 2 - 22)), ("blue", (size // 2 + 2, size - 16))):
-            width = int(rng.integers(16, 21)) if name == "red" else 12
-            height = width if name == "red" else int(rng.integers(24, 33))
-            x0 = int(rng.integers(*x_range))
-            y0 = int(rng.integers(2, size - height - 2))
-            draw.rectangle((x0, y0, x0 + width - 1, y0 + height - 1), fill=BOX_CATEGORIES[name][1])
-            bbox = [x0 / size, y0 / size, (x0 + width) / size, (y0 + height) / size]
-            lines.append(json.dumps({"scene": f"s{s:03d}", "product": name, "bbox": bbox}))
-        image.save(root / "images" / "scenes" / f"s{s:03d}.jpg", quality=95)
-    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
-    (root / "categories.json").write_text(json.dumps(categories))
-    return root
-
 
 OPTIONS = DetectorFitOptions(backbone="tiny", image_size=64, fpn_channels=32, head_convs=1, epochs=25,
                              batch_size=4, lr=1e-2, patience=25)
