@@ -23,8 +23,11 @@ install: $(STAMP)
 lint: install
 	$(PY) -m ruff check training index service tests benchmarks
 
+# The Ray tests run in a pytest process of their own: after ray.shutdown() the driver keeps native threads
+# that later crashed other tests with SIGSEGV at random points (seen in a full run, never in either half).
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not ray"
+	$(PY) -m pytest -q -m ray
 
 demo: install
 	$(PY) scripts/demo.py $(DEMO_ARGS)
