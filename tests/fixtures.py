@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+import uvicorn
+from fastapi import FastAPI
 from PIL import Image, ImageDraw
 
 from training.data.split import split_by_scene
@@ -187,3 +194,26 @@ def write_box_dataset(root: Path, scenes: int = 12, size: int = 64, seed: int = 
     (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     (root / "categories.json").write_text(json.dumps(categories))
     return root
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """Real uvicorn on an ephemeral loopback port (as tests/service/test_uvicorn.py); yields its base URL."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        listener.close()
+        assert not thread.is_alive()

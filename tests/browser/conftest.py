@@ -19,7 +19,8 @@ import pytest
 
 from index.build import build
 from service.app import create_app
-from tests.browser.shop import Shop, serving, write_shop
+from tests.browser.shop import Shop, write_shop
+from tests.fixtures import serving
 from tests.service.helpers import make_checkpoint, make_settings
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

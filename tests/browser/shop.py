@@ -9,17 +9,10 @@ from __future__ import annotations
 
 import io
 import json
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import uvicorn
-from fastapi import FastAPI
 from PIL import Image
 
 from tests.fixtures import save_picture, write_tiny_dataset
@@ -87,26 +80,3 @@ def product_ids(category: str | None = None) -> list[str]:
 def record_of(product_id: str) -> dict[str, object]:
     """The product data write_shop wrote for a product id."""
     return product_record(product_ids().index(product_id), product_id)
-
-
-@contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    """Real uvicorn on an ephemeral loopback port (as tests/service/test_uvicorn.py); yields its base URL."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        listener.close()
-        assert not thread.is_alive()

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from service.app import create_app
-from tests.browser.shop import serving
 from tests.browser.test_page import answers, await_answer, upload
+from tests.fixtures import serving
 from tests.index.detection import BAGS, SHOES, build_box_shop, scene_bytes
 from tests.service.helpers import make_settings
 
