@@ -28,6 +28,13 @@ goodput (200s within the timeout) >= 0.8x capacity, refusals (503/429) answered 
 p99 of the 200s <= STL_QUEUE_BUDGET_MS plus one batch, the first request after the storm <= 100 ms and
 RSS after the storm <= 1.1x before. `--soak-minutes N` then runs N minutes at c=32 (0 errors, RSS growth
 <= 5 %). Writes benchmarks/results/service_overload.json.
+
+With `--server-cpus`, the server (and the bare runtime it is compared with, at as many threads) runs on
+those CPUs and the load generator on the others, so the generator's own CPU is not charged to the server.
+`--overload` does so by default (every CPU but the first for the server): at twice capacity an open-loop
+generator on the server's own cores falls seconds behind its schedule (p99 send lag 3.3 s on 2 shared
+cores) and its clients' time-outs are its own. The capacity it is measured against comes from the same
+pinned server in the same run. `--server-cpus all` shares the cores as before.
 """
 
 from __future__ import annotations
@@ -383,20 +390,53 @@ def get_args_parser() -> argparse.ArgumentParser:
     overload.add_argument("--overload-factor", type=float, default=2.0, help="arrival rate / measured capacity")
     overload.add_argument("--client-timeout", type=float, default=2.0, help="seconds a storm client waits")
     overload.add_argument("--soak-minutes", type=float, default=0.0, help="then N minutes at c=32 (0: none)")
+    parser.add_argument("--server-cpus", default=None,
+                        help="CPUs of the server and the bare runtime, e.g. 1 or 2-3; the load generator gets the "
+                             "others ('all': shared; default: shared, but all CPUs but the first with --overload)")
     return parser
 
 
-def start_server(root: Path, args: argparse.Namespace, runtime: str | None = None) -> tuple[subprocess.Popen, str]:
+def parse_cpus(text: str) -> set[int]:
+    """'1', '0,2' or '2-3' -> a CPU set."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def split_cpus(spec: str | None) -> tuple[set[int], set[int]] | None:
+    """(server CPUs, load generator CPUs) from --server-cpus, or None to share them all."""
+    mine = sorted(os.sched_getaffinity(0))
+    if spec == "all" or (spec is None and len(mine) < 2):
+        return None
+    server = parse_cpus(spec) if spec is not None else set(mine[1:])
+    client = set(mine) - server
+    if not server or not client or not server <= set(mine):
+        raise SystemExit(f"--server-cpus {spec!r} must name some, not all, of the CPUs {mine}")
+    return server, client
+
+
+def pin(cpus: set[int] | None) -> None:
+    """Move this (the calling) thread onto `cpus`; threads it starts later inherit them. None: stay."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def start_server(root: Path, args: argparse.Namespace, runtime: str | None = None,
+                 cpus: set[int] | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    threads = len(cpus) if cpus else args.threads
     env = {**os.environ, "STL_ARTIFACTS": str(root), "STL_DEVICE": "cpu", "STL_LOG_LEVEL": "WARNING",
            "STL_RUNTIME": runtime or args.runtime, "STL_PRECISION": args.precision,
            **({"STL_BACKBONE_WEIGHTS": str(args.backbone_weights)} if args.backbone_weights else {}),
-           "STL_TORCH_THREADS": str(args.threads), "STL_RUNTIME_THREADS": str(args.threads),
+           "STL_TORCH_THREADS": str(threads), "STL_RUNTIME_THREADS": str(threads),
            "STL_BATCH_MAX_SIZE": str(args.batch_max_size),
            "STL_BATCH_MAX_WAIT_MS": str(args.batch_max_wait_ms)}
     env.pop("STL_ADMIN_TOKEN", None)
-    server = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)], env=env)
+    server = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     try:
         wait_until_ready(url, server)
     except ServiceNotReady:
@@ -436,6 +476,7 @@ def measure(url: str, bare: Bare, best: int, args: argparse.Namespace) -> tuple[
     between neighbours in time and the reported ratio is the median over rounds. (Finer interleaving,
     one bare call between requests, was tried and is worse: each side then runs beside the other's
     still-spinning OpenMP threads.)"""
+    pin(args.client_cpus_set)
     bodies = request_bodies(url, bare.images)
     run_load(load(url, bodies, 4, 16, 30))  # warm-up: first requests pay lazy initialisation
     levels: list[dict] = []
@@ -445,7 +486,9 @@ def measure(url: str, bare: Bare, best: int, args: argparse.Namespace) -> tuple[
         runs = []
         for n in range(args.rounds if concurrency in rounds else 1):
             if concurrency == 1:
+                pin(args.server_cpus_set)  # the bare side runs where the server runs
                 embed_ms, forward_ms = bare.one_ms(args.c1_requests)
+                pin(args.client_cpus_set)
                 settle()
                 run = run_load(load(url, bodies, 1, args.c1_requests, args.seconds))
                 settle()
@@ -453,9 +496,11 @@ def measure(url: str, bare: Bare, best: int, args: argparse.Namespace) -> tuple[
                 rounds[1].append({"bare_embed_ms": embed_ms, "bare_forward_ms": forward_ms, "service_p50_ms": p50,
                                   "over_embed": p50 / embed_ms, "over_forward": p50 / forward_ms})
             elif concurrency == 32:
+                pin(args.server_cpus_set)
                 embed_rate, forward_rate = bare.batched(best, args.bare_seconds)
                 settle()
                 workers_rate = bare.parallel(args.batch_max_size, args.bare_seconds, args.workers)
+                pin(args.client_cpus_set)
                 settle()
                 run = run_load(load(url, bodies, 32, args.c32_requests, args.seconds))
                 settle()
@@ -577,7 +622,7 @@ def overload(url: str, server: subprocess.Popen, images: list[bytes], args: argp
     refused = by_kind.get("503", []) + by_kind.get("429", [])
     goodput = len(ok) / args.overload_seconds
     # One batch: a full batch on one of the workers, which share the cores (capacity is all of them together).
-    one_batch_s = args.batch_max_size * args.threads / capacity
+    one_batch_s = args.batch_max_size * args.server_threads / capacity
     result = {
         "capacity_rps": capacity,
         "capacity_errors": len(closed["errors"]),
@@ -659,11 +704,19 @@ def main_overload(args: argparse.Namespace) -> int:
         make_artifact(root, checkpoint, embedder)
         del embedder  # this process only sends requests from here on
         images = scene_images(8)
-        server, url = start_server(root, args)
+        pinned = split_cpus(args.server_cpus)
+        server, url = start_server(root, args, cpus=pinned[0] if pinned else None)
+        args.server_threads = len(pinned[0]) if pinned else args.threads
+        if pinned:
+            os.sched_setaffinity(0, pinned[1])  # from here on this process only generates load
         results: dict[str, Any] = {
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads},
             "setup": {"backbone": args.backbone, "products": sum(STL_CATEGORY_MIX.values()),
-                      "batch_max_size": args.batch_max_size, "note": "load generator shares the server's cores"},
+                      "batch_max_size": args.batch_max_size, "server_threads": args.server_threads,
+                      "server_cpus": sorted(pinned[0]) if pinned else "all",
+                      "generator_cpus": sorted(pinned[1]) if pinned else "all",
+                      "note": ("server and load generator pinned to CPUs of their own" if pinned
+                               else "load generator shares the server's cores")},
         }
         try:
             if args.overload:
@@ -705,6 +758,12 @@ def main(argv: list[str] | None = None) -> int:
         version = make_artifact(root, checkpoint, embedder)
         print(f"artifact {version}: {sum(STL_CATEGORY_MIX.values())} products in {len(STL_CATEGORY_MIX)} categories "
               f"({time.perf_counter() - started:.1f} s)")
+        pinned = split_cpus(args.server_cpus or "all")
+        args.server_cpus_set, args.client_cpus_set = pinned if pinned else (None, None)
+        if pinned:  # the bare runtime and its threads on the server's CPUs, as many threads as CPUs
+            args.threads = len(pinned[0])
+            torch.set_num_threads(args.threads)
+            pin(pinned[0])
         args.runtime_resolved = resolve_name(args.runtime, "cpu", embedder)
         # The service's batch workers (service/engine.py): one per thread with torch, one for OpenVINO / ORT.
         args.workers = args.threads if args.runtime_resolved == "torch" else 1
@@ -723,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bare embedder, crops/s by batch size (decode+crop+forward / forward alone): " + ", ".join(
             f"{size}: {embed:.0f} / {forward:.0f}" for size, (embed, forward) in sweep.items()) + f"; best {best}")
 
-        server, url = start_server(root, args)
+        server, url = start_server(root, args, cpus=args.server_cpus_set)
         reference = None
         try:
             idle = memory_kib(server.pid)
@@ -731,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
             loaded = memory_kib(server.pid)
             versus: dict[str, dict] = {}
             if args.runtime_resolved != "torch":
-                reference = start_server(root, args, runtime="torch")
+                reference = start_server(root, args, runtime="torch", cpus=args.server_cpus_set)
                 versus = compare({args.runtime_resolved: url, "torch": reference[1]}, bare.images, args)
                 versus["torch"]["rss_mib"] = {"idle": None, **{
                     key: value / 1024 for key, value in memory_kib(reference[0].pid).items()}}
@@ -814,7 +873,9 @@ def main(argv: list[str] | None = None) -> int:
                   "products": sum(STL_CATEGORY_MIX.values()),
                   "categories": len(STL_CATEGORY_MIX), "scene_size": [640, 480], "k": 10,
                   "batch_max_size": args.batch_max_size, "batch_max_wait_ms": args.batch_max_wait_ms,
-                  "rounds": args.rounds},
+                  "rounds": args.rounds,
+                  "server_cpus": sorted(args.server_cpus_set) if args.server_cpus_set else "all",
+                  "load_generator_cpus": sorted(args.client_cpus_set) if args.client_cpus_set else "all"},
         "bare_sweep_crops_per_s": {str(size): {"embed": embed, "forward": forward}
                                    for size, (embed, forward) in sweep.items()},
         "c1_rounds": c1_rounds,

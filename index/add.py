@@ -21,7 +21,7 @@ from index.errors import ArtifactError, Refused
 from index.manifest import Change
 from index.publish import DEFAULT_KEEP, build_lock
 from training.cli import report
-from training.cli.args import add_device_arg
+from training.cli.args import add_device_arg, require_positive
 from training.data.products import Product, read_products
 from training.data.stl import CategoryMap, is_valid_id
 from training.errors import TrainingError
@@ -163,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: give one --category and one --image per --id (got {len(args.id)} ids, "
               f"{len(args.category)} categories, {len(args.image)} images)", file=sys.stderr)
         return 2
-    if args.keep < 1:
-        print("error: --keep must be >= 1", file=sys.stderr)
+    if not require_positive(keep=args.keep):
         return 2
     try:
         products = [NewProduct(*fields) for fields in zip(args.id, args.category, args.image, strict=True)]

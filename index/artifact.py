@@ -232,10 +232,11 @@ class Artifact:
             raise CorruptArtifact(f"category {category!r}: id file does not hold {entry.count} ids")
         return [str(pid) for pid in ids]
 
-    def read_vectors(self, category: str) -> np.ndarray:
+    def read_vectors(self, category: str, mmap: bool = False) -> np.ndarray:
+        """The category's stored rows; with `mmap` a read-only memory map (rows are read from disk when used)."""
         entry, dim = self.entry(category), self.manifest.embedder.dim
         try:
-            vectors = np.load(self.path / entry.vectors_file, allow_pickle=False)
+            vectors = np.load(self.path / entry.vectors_file, mmap_mode="r" if mmap else None, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise CorruptArtifact(f"category {category!r}: unreadable vectors file: {exc}") from exc
         if vectors.shape != (entry.count, dim):

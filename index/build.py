@@ -12,6 +12,7 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -44,14 +45,15 @@ from training.cli.args import (
     add_data_arg,
     add_device_arg,
     add_engine_args,
+    add_images_arg,
     add_progress_arg,
     add_workers_arg,
 )
 from training.data.popularity import Popularity
 from training.data.products import Product, read_dataset_products, read_products
 from training.data.split import SPLIT_FRACTIONS, split_by_scene
-from training.data.stl import CategoryMap, STLDataset
-from training.errors import TrainingError
+from training.data.stl import CategoryMap, STLDataset, read_bytes
+from training.errors import TrainingError, Unavailable
 from training.exec.choose import open_executor
 from training.exec.executor import Executor, LocalExecutor
 from training.fit.features import cache_features
@@ -65,18 +67,58 @@ from training.model.runtimes import Runtime, RuntimeName, RuntimeUnavailable
 LOG = logging.getLogger(__name__)
 
 
-def catalogue_fingerprint(dataset: STLDataset, catalogue: list[str]) -> str:
-    """sha256 of the catalogue an index is built from: each product's id, category and image size and mtime.
+def catalogue_fingerprint(dataset: STLDataset, catalogue: list[str], digests: Mapping[str, str] | None = None) -> str:
+    """sha256 of the catalogue an index is built from: each product's id, category and image content digest.
 
     Not `training.data.stl.dataset_fingerprint` (which data a head was trained on): this one changes
-    when a product image is replaced, so it also salts the version name.
+    when a product image is replaced, so it also salts the version name. Content, not size and mtime: the
+    images may be behind a URI (`--images`), where there is nothing to stat, and the same catalogue read from
+    disk or from a store gets the same fingerprint. `digests` are those known already (a build reads each
+    image once, for its thumbnail and dedup); the other images are read here, an unreadable one counts as such.
     """
+    known = digests or {}
     digest = hashlib.sha256()
     for pid in catalogue:
-        stat = dataset.product_path(pid).stat()
-        digest.update(f"{pid}\t{dataset.categories.of(pid)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        content = known.get(pid) or _digest_or_unreadable(dataset.product_location(pid))
+        digest.update(f"{pid}\t{dataset.categories.of(pid)}\t{content}\n".encode())
     digest.update(f"pairs={len(dataset.pairs)}".encode())
     return digest.hexdigest()
+
+
+def _digest_or_unreadable(location: str) -> str:
+    try:
+        return image_digest(location)
+    except OSError:  # a missing file, or a store's network error
+        return "unreadable"
+
+
+@dataclass(frozen=True)
+class ProductImage:
+    """What a build keeps of a product's image file: its catalogue thumbnail and its content digest."""
+
+    thumbnail: bytes
+    media_type: str
+    digest: str
+
+
+def read_product_images(dataset: STLDataset, product_ids: Sequence[str], workers: int = 2) -> dict[str, ProductImage]:
+    """Each product image read once, through the one image reader (`training.data.stl.read_bytes`: a local path
+    or a URI under the dataset's `images` base), for its thumbnail and digest.
+
+    Only images the embedding has read already come here, so a failure now is the store's (Unavailable)."""
+
+    def read(pid: str) -> ProductImage:
+        location = dataset.product_location(pid)
+        try:
+            data = read_bytes(location)
+        except OSError as exc:
+            raise Unavailable(f"cannot read product image {location} for its thumbnail: {exc}") from exc
+        return ProductImage(*make_thumbnail(data), image_digest(data))
+
+    # PIL releases the GIL while decoding and encoding, hashlib while hashing, fsspec while waiting on the
+    # network: threads use the cores.
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return dict(zip(product_ids, pool.map(read, product_ids), strict=True))
 
 
 def split_seed_of(checkpoint: Path) -> int:
@@ -182,6 +224,7 @@ def build(
     executor: Executor | None = None,
     memory_budget: int | None = None,
     detector: Path | None = None,
+    images: str | None = None,
 ) -> str:
     """Build and publish a new version from a dataset directory and a head checkpoint; returns the version.
 
@@ -201,6 +244,10 @@ def build(
     category's index together) makes the categories that would not fit compressed (IVF with SQ8 or PQ codes).
 
     `detector` (a `train-detector` checkpoint) goes into the version with its ONNX export (`index.detector`).
+
+    `images`: where the image files are when not under `data/images` (a folder, or a URI read through fsspec:
+    s3://, gs://, https://, file://; see `STLDataset.open`). Every read of the build goes there: the embedding,
+    thumbnails and dedup digests, the example scenes.
     """
     executor = executor if executor is not None else LocalExecutor(workers)
     remote = not isinstance(executor, LocalExecutor)
@@ -209,7 +256,7 @@ def build(
     with build_lock(out):
         clean_stale(out)
         try:
-            dataset = STLDataset.open(data, on_error="skip")
+            dataset = STLDataset.open(data, on_error="skip", images=images)
         except FileNotFoundError as exc:  # not a dataset directory: there is nothing to index
             raise Refused(f"nothing to index: {exc}") from exc
         product_data = (
@@ -260,8 +307,10 @@ def build(
             indexed_map = CategoryMap({pid: dataset.categories.of(pid) for pid in indexed})
             popularity = Popularity.from_pairs((p for p in train_pairs if p.product_id in indexed), indexed_map)
 
+            pictures = read_product_images(dataset, list(indexed), workers)
             fingerprint = embedder.fingerprint()
-            catalogue_sha256 = catalogue_fingerprint(dataset, catalogue)
+            catalogue_sha256 = catalogue_fingerprint(dataset, catalogue,
+                                                     {pid: picture.digest for pid, picture in pictures.items()})
             version = new_version(f"{catalogue_sha256}|{fingerprint['head_sha256']}")
             provenance = Provenance(
                 operation="build",
@@ -279,7 +328,7 @@ def build(
             )
             # Test-split scenes (never trained on) for the page's "try an example".
             chosen = choose_examples(split.test, {pid: dataset.categories.of(pid) for pid in indexed}, examples, seed)
-            rows = catalogue_rows(dataset, categories, product_data, popularity, workers, duplicate_threshold)
+            rows = catalogue_rows(categories, product_data, popularity, pictures, duplicate_threshold)
             detector_dir = Path(scratch) / "detector"
             if detector is not None:
                 prepare_detector(detector, detector_dir, [data_.category for data_ in categories], device)
@@ -295,33 +344,26 @@ def build(
             return version
 
 
-def catalogue_rows(dataset: STLDataset, categories: Sequence[CategoryData], product_data: Mapping[str, Product],
-                   popularity: Popularity, workers: int = 2, duplicate_threshold: float = 0.0) -> list[CatalogueRow]:
+def catalogue_rows(categories: Sequence[CategoryData], product_data: Mapping[str, Product], popularity: Popularity,
+                   pictures: Mapping[str, ProductImage], duplicate_threshold: float = 0.0) -> list[CatalogueRow]:
     """One catalogue row per indexed product: its data (or just its id), category, row in the category's
-    index, training popularity, dedup group and a thumbnail of its image."""
+    index, training popularity, dedup group and the thumbnail of its image (`read_product_images`)."""
     placed = [(data.category, row, pid) for data in categories for row, pid in enumerate(data.ids)]
-
-    def thumbnail_and_digest(pid: str) -> tuple[bytes, str, str]:
-        path = dataset.product_path(pid)
-        return (*make_thumbnail(path), image_digest(path))
-
-    # PIL releases the GIL while decoding and encoding (and hashlib while hashing), so threads use the cores.
-    ids = [pid for _, _, pid in placed]
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        made = dict(zip(ids, pool.map(thumbnail_and_digest, ids), strict=True))
     group_of: dict[str, str] = {}
     for data in categories:
         group_of.update(group_duplicates(
-            data.ids, data.vectors if duplicate_threshold > 0 else None, [made[pid][2] for pid in data.ids],
+            data.ids, data.vectors if duplicate_threshold > 0 else None, [pictures[pid].digest for pid in data.ids],
             duplicate_threshold, {pid: popularity.count(pid) for pid in data.ids}))
     return [
         CatalogueRow(product_data.get(pid) or Product(pid), category, row, popularity.count(pid), group_of[pid],
-                     made[pid][0], made[pid][1])
+                     pictures[pid].thumbnail, pictures[pid].media_type)
         for category, row, pid in placed
     ]
 
 
 def _image_reference(dataset: STLDataset, product_id: str) -> str:
+    if dataset.images is not None:  # an image base of its own (a URI or a folder): where the image was read
+        return dataset.product_location(product_id)
     # Relative to the dataset root, so the artifact stays valid when the data is mounted elsewhere.
     return str(dataset.product_path(product_id).relative_to(dataset.root))
 
@@ -359,6 +401,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--detector", type=Path, default=None,
                         help="item detector checkpoint (train-detector's detector.pt) to put into the version, "
                              "with its ONNX export: /detect and /shop")
+    add_images_arg(parser)
     add_engine_args(parser)
     add_progress_arg(parser)
     return parser
@@ -378,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                             args.approximate, args.keep, args.batch_size, args.workers, args.split_seed, args.seed,
                             progress=not args.no_progress, products_file=args.products,
                             duplicate_threshold=args.duplicate_threshold, runtime=args.runtime, export=args.export,
-                            executor=executor, memory_budget=args.memory_budget, detector=args.detector)
+                            executor=executor, memory_budget=args.memory_budget, detector=args.detector,
+                            images=args.images)
     except (TrainingError, ArtifactError) as exc:
         return report(exc)
     print(f"published {version} under {args.out}")

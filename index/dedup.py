@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from training.data.stl import is_uri, read_bytes
+
 LOG = logging.getLogger(__name__)
 
 # Inner product of unit vectors at or above which two products count as one. A false merge hides a distinct
@@ -31,10 +33,14 @@ BLOCK_ROWS = 1024  # rows per matrix-product block: 1024 x 12k products is ~48 M
 _CHUNK_BYTES = 1 << 20
 
 
-def image_digest(path: str | Path) -> str:
-    """sha256 (hex) of a file's bytes."""
+def image_digest(image: str | Path | bytes) -> str:
+    """sha256 (hex) of an image's bytes: given, or read from a local path (streamed) or a URI (fsspec)."""
+    if isinstance(image, bytes):
+        return hashlib.sha256(image).hexdigest()
+    if is_uri(image):
+        return hashlib.sha256(read_bytes(image)).hexdigest()
     digest = hashlib.sha256()
-    with Path(path).open("rb") as source:
+    with Path(image).open("rb") as source:
         while chunk := source.read(_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()

@@ -1,7 +1,8 @@
 """Product images -> index vectors through the shared embedder (or its export), on an executor.
 
-The local executor (the default) decodes in DataLoader workers while this process runs the network; the
-Ray one streams the images through an actor pool (`training.exec`). Either way the vectors come back here.
+The local executor (the default) decodes in threads (DataLoader workers for torch) while this process runs
+the network; the Ray one streams the images through an actor pool (`training.exec`). Either way the vectors
+come back here.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data.stl import BBox, Pair, STLDataset
+from training.data.stl import BBox, Pair, STLDataset, read_bytes
 from training.io import copy_atomic, write_bytes_atomic, write_json_atomic
 from training.model.arrays import load_image
 
@@ -66,11 +66,13 @@ def choose_examples(pairs: Sequence[Pair], category_of: dict[str, str], count: i
 
 
 def write_examples(staging: Path, dataset: STLDataset, chosen: Sequence[tuple[Example, Pair]]) -> list[Example]:
-    """Store the chosen scenes as small JPEGs and examples.json; scenes that cannot be read are left out."""
+    """Store the chosen scenes as small JPEGs and examples.json; scenes that cannot be read are left out.
+
+    Scenes are read where the dataset's images are (`STLDataset.scene_location`: a path, or a URI)."""
     written: list[Example] = []
     for example, pair in chosen:
         try:
-            image = load_image(dataset.scene_path(pair.scene_id))
+            image = load_image(read_bytes(dataset.scene_location(pair.scene_id)))
         except (OSError, ValueError, SyntaxError) as exc:
             LOG.warning("example scene %s left out: %s", pair.scene_id, exc)
             continue

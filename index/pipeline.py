@@ -6,6 +6,11 @@ only when the data directory holds no STL data, so a user's mounted real dataset
 The item detector (for /detect and /shop) trains on the same scenes, a few epochs by default (the synthetic
 catalogue reaches val mAP@0.5 ~0.90 after 3 epochs at 320 px), its pyramids in the same cache directory;
 `--no-detector` skips it.
+
+`--engine ray` (with `--ray-address` or RAY_ADDRESS: the docker `cluster` profile) runs the head's feature
+extraction, the catalogue's embedding and the per-category index builds on a Ray cluster; this process still
+trains and publishes. Nothing connects to Ray until a step needs it, so a rerun with every step done needs no
+cluster.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from index.artifact import current_version, open_artifact
 from index.build import build
 from index.errors import ArtifactError
 from training.cli import report
-from training.cli.args import add_backbone_args, add_device_arg
+from training.cli.args import add_backbone_args, add_device_arg, add_engine_args
 from training.data.stl import PAIRS_FILE, UPSTREAM_PAIRS_FILES
 from training.data.synth import SynthConfig, generate, load_category_counts
 from training.errors import TrainingError
+from training.exec.choose import open_executor
+from training.exec.executor import Executor
 from training.fit.detector import CHECKPOINT_FILE as DETECTOR_FILE
 from training.fit.detector import DetectorFitOptions, fit_detector
 from training.fit.run import HEAD_FILE, FitOptions, fit_head
@@ -51,6 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f"item detector training epochs (default {DETECTOR_EPOCHS})")
     parser.add_argument("--detector-size", type=int, default=None,
                         help="item detector input size in pixels (the detector's default if unset)")
+    add_engine_args(parser, what="the feature extraction, the catalogue embedding and the index builds")
     return parser
 
 
@@ -89,6 +97,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    with open_executor(args.engine, args.ray_address, _workers()) as executor:
+        return _steps(args, executor)
+
+
+def _workers() -> int:
+    return min(2, os.cpu_count() or 1)
+
+
+def _steps(args: argparse.Namespace, executor: Executor) -> int:
     if has_stl_data(args.data):
         print(f"[1/3] dataset: using {args.data}")
     else:
@@ -96,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
         sizes = {name: value for name, value in (("scenes", args.scenes), ("products", args.products))
                  if value is not None}
         config = SynthConfig(seed=args.seed, categories=load_category_counts(), **sizes)
-        generate(args.data, config, workers=min(2, os.cpu_count() or 1), progress=True)
+        generate(args.data, config, workers=_workers(), progress=True)
 
     model_dir = args.work / "model"
     head = model_dir / HEAD_FILE
@@ -106,7 +123,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"[2/3] model: training the head into {model_dir}")
         options = FitOptions(backbone=args.backbone, seed=args.seed,
                              **({"epochs": args.epochs} if args.epochs is not None else {}))
-        fit_head(args.data, model_dir, options, cache=args.work / "cache", device=args.device)
+        fit_head(args.data, model_dir, options, cache=args.work / "cache", device=args.device, workers=_workers(),
+                 executor=executor)
 
     detector = _detector(args) if args.detector else None
     wanted = (file_sha256(head), None if detector is None else file_sha256(detector))
@@ -115,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     print(f"[3/3] index: building and publishing into {args.artifacts}")
     version = build(data=args.data, checkpoint=head, out=args.artifacts, device=args.device,
-                    cache=args.work / "cache", detector=detector)
+                    cache=args.work / "cache", workers=_workers(), detector=detector, executor=executor)
     print(f"published {version} under {args.artifacts}")
     return 0
 
@@ -132,7 +150,7 @@ def _detector(args: argparse.Namespace) -> Path:
                                  patience=args.detector_epochs,
                                  **({"image_size": args.detector_size} if args.detector_size else {}))
     fitted = fit_detector(args.data, detector_dir, options, cache=args.work / "cache", device=args.device,
-                          workers=min(2, os.cpu_count() or 1))
+                          workers=_workers())
     print(f"detector: val mAP@0.5 {fitted.metrics.get('val', {}).get('map_50', float('nan')):.3f} "
           f"in {fitted.seconds:.0f} s")
     return checkpoint

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from index.errors import ArtifactError, Refused
 from index.manifest import Change
 from index.publish import DEFAULT_KEEP, build_lock
 from training.cli import report
+from training.cli.args import require_positive
 from training.errors import TrainingError
 
 LOG = logging.getLogger(__name__)
@@ -80,8 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if args.keep < 1:
-        print("error: --keep must be >= 1", file=sys.stderr)
+    if not require_positive(keep=args.keep):
         return 2
     try:
         version = remove_products(args.artifacts, args.id, args.keep)

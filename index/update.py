@@ -21,7 +21,6 @@ import argparse
 import csv
 import json
 import logging
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -32,6 +31,7 @@ from index.errors import ArtifactError, Refused
 from index.manifest import Change
 from index.publish import DEFAULT_KEEP, build_lock
 from training.cli import report
+from training.cli.args import require_positive
 from training.data.products import CSV_LABEL_PREFIX, CSV_SUFFIXES, Product, read_products
 from training.errors import TrainingError
 
@@ -132,8 +132,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if args.keep < 1:
-        print("error: --keep must be >= 1", file=sys.stderr)
+    if not require_positive(keep=args.keep):
         return 2
     try:
         updates = read_updates(args.products)

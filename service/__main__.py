@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invalid configuration: {exc}", file=sys.stderr)
         return 2
     # Exits 0 after a SIGTERM once what was admitted is answered (service/server.py).
-    serve(app, settings.host, settings.port, settings.log_level.lower(), settings.drain_s)
+    serve(app, settings.host, settings.port, settings.log_level.lower(), settings.drain_s, settings.keep_alive_s)
     return 0
 
 

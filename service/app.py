@@ -16,6 +16,7 @@ from service.admission import Admission, Unavailable
 from service.encoder import check_precision_available
 from service.engine import Engine
 from service.examples import examples_router
+from service.follow import Follower, FollowMetrics
 from service.images import BadInput
 from service.metrics import Metrics
 from service.middleware import AdmissionGate, BodySizeLimit, RequestMetrics
@@ -46,11 +47,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     admission = Admission(settings, metrics)
     access = Access.from_settings(settings, metrics)
+    follow_metrics = FollowMetrics(metrics, settings.reload_poll_s)  # per app: a lifespan may run twice
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = Engine.start(settings, metrics, admission)  # threads and deployment policy; nothing loaded yet
         app.state.engine = engine
+        # STL_RELOAD_POLL_S: follow `current` by ourselves (service/follow.py); off by default.
+        follower = (Follower(engine, admission, settings.reload_poll_s, follow_metrics)
+                    if settings.reload_poll_s > 0 else None)
+        app.state.follower = follower
 
         loader: asyncio.Future | None = None
         try:
@@ -60,8 +66,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             loader = asyncio.ensure_future(run_in_own_thread(engine.load, "stl-load"))
             if not settings.background_load:
                 await loader
+            if follower is not None:
+                follower.start()  # its looks wait while a background load runs
             yield
         finally:
+            if follower is not None:
+                await follower.stop()  # a reload under way finishes before the engine closes
             if loader is not None and not loader.done():
                 await loader  # a load thread cannot be cancelled; let it finish before tearing down
             engine.close()

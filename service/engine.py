@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from index.catalogue import Facets, ProductRecord
-from index.filters import mentions
+from index.filters import Filter, mentions
 from service import process
 from service.admission import Admission, Unavailable
 from service.batching import Batcher, JobExpired
@@ -100,6 +100,28 @@ class ShopAnswer:
     items: list[ShopItem]
     index_version: str | None
     note: str | None = None  # why there are no items
+
+
+@dataclass(frozen=True)
+class _ShopItem:
+    """One detected item on its way through /shop: what to search, or why popularity must answer."""
+
+    detection: Detection
+    spec: SearchSpec
+    fallback: tuple[str, str] | None  # (metric reason, text) when popularity answers; None: embedded
+
+
+@dataclass(frozen=True)
+class _ShopItems:
+    items: list[_ShopItem]  # the items kept (of the requested categories), best first
+    detected: bool  # the detector found anything at all (to say why `items` may be empty)
+    crops: np.ndarray | None  # [N, 3, S, S]: one per item without a fallback, in the items' order
+
+    def embedding_failed(self, reason: str) -> _ShopItems:
+        """Every item that was to be embedded answered by popularity instead."""
+        items = [item if item.fallback is not None else replace(item, fallback=("embedding_failed", reason))
+                 for item in self.items]
+        return _ShopItems(items, self.detected, None)
 
 
 @dataclass(frozen=True)
@@ -285,45 +307,66 @@ class Engine:
         """Every item the detector finds in the photo (of `categories`, if given) with its products: one
         detector pass, the items' crops embedded in one batch, each searched in its own category with the
         filter, dedup and in-stock default of `recommend`; popularity answers for an item whose category has
-        no index, or when embedding fails."""
+        no index, or when embedding fails.
+
+        Two trips to the CPU pool and one through the batcher, whatever the number of items: the decode,
+        detection and every crop in the first, every item's search, catalogue lookup and popularity fallback
+        in the last (each thread handoff costs a wake-up, several ms on a busy 2-core machine)."""
         loaded = self.serving()
         loaded.require_detector()
         condition = loaded.parse_filter(filter)
         wanted = None if categories is None else {self._resolve(loaded, name) for name in categories}
-        picture, found = await self._in_pool(self._detect_photo, loaded, image)
-        items = [item for item in found if wanted is None or item.category in wanted]
-        if not items:
-            note = "no item found in the photo" if not found else "no item of the requested categories found"
+        found = await self._in_pool(self._shop_pre, loaded, image, wanted, condition, k, dedup)
+        if not found.items:
+            note = "no item found in the photo" if not found.detected else "no item of the requested categories found"
             return ShopAnswer([], loaded.version, note)
-        specs = [SearchSpec(item.category, k, 0, condition, dedup) for item in items]
-        for spec in specs:
-            self._count("shop", spec)
-        fallbacks = [loaded.fallback(item.category, "auto") for item in items]
-        pages: list[Page | None] = [None] * len(items)
-        embeddable = [position for position, fallback in enumerate(fallbacks) if fallback is None]
-        if embeddable:
-            crops, kept = await self._in_pool(loaded.crops, image, picture, [items[i].bbox for i in embeddable])
-            embeddable = [embeddable[i] for i in kept]
-            for position in set(range(len(items))) - set(embeddable):
-                fallbacks[position] = fallbacks[position] or ("embedding_failed", "the item's crop is too small")
-            if crops is not None:
-                try:
-                    vectors = await self.batcher.run_stack(loaded, crops, deadline)
-                    found_pages = await self._in_pool(
-                        lambda: [loaded.search_page(vector, specs[i]) for i, vector in zip(embeddable, vectors,
-                                                                                           strict=True)])
-                    for position, page in zip(embeddable, found_pages, strict=True):
-                        pages[position] = page
-                except JobExpired:
-                    raise Unavailable("the request's deadline passed while it waited in the queue; "
-                                      "retry later") from None
-                except Exception as exc:  # the model or index broke: every item answered by popularity
-                    LOG.exception("embedding the %d items of a photo failed; serving popularity", len(embeddable))
-                    for position in embeddable:
-                        fallbacks[position] = ("embedding_failed", f"embedding failed: {type(exc).__name__}")
-        answers = [ShopItem(item, await self._answer(loaded, spec, page, fallback))
-                   for item, spec, page, fallback in zip(items, specs, pages, fallbacks, strict=True)]
+        for item in found.items:
+            self._count("shop", item.spec)
+        vectors: np.ndarray | None = None
+        if found.crops is not None:
+            try:
+                vectors = await self.batcher.run_stack(loaded, found.crops, deadline)
+            except JobExpired:
+                raise Unavailable("the request's deadline passed while it waited in the queue; retry later") from None
+            except Exception as exc:  # the model broke: every item answered by popularity
+                LOG.exception("embedding the %d items of a photo failed; serving popularity", len(found.crops))
+                found = found.embedding_failed(f"embedding failed: {type(exc).__name__}")
+        answers = await self._in_pool(self._shop_post, loaded, found, vectors)
         return ShopAnswer(answers, loaded.version)
+
+    def _shop_pre(self, loaded: LoadedVersion, image: bytes, wanted: set[str] | None, condition: Filter | None,
+                  k: int, dedup: bool) -> _ShopItems:
+        """Decode once, detect, keep the wanted items and crop those that can be embedded (CPU pool)."""
+        picture, detected = self._detect_photo(loaded, image)
+        chosen = [item for item in detected if wanted is None or item.category in wanted]
+        items = [_ShopItem(item, SearchSpec(item.category, k, 0, condition, dedup),
+                           loaded.fallback(item.category, "auto")) for item in chosen]
+        embeddable = [position for position, item in enumerate(items) if item.fallback is None]
+        crops: np.ndarray | None = None
+        if embeddable:
+            crops, kept = loaded.crops(image, picture, [items[i].detection.bbox for i in embeddable])
+            for position in set(embeddable) - {embeddable[i] for i in kept}:
+                items[position] = replace(items[position],
+                                          fallback=("embedding_failed", "the item's crop is too small"))
+        return _ShopItems(items, bool(detected), crops)
+
+    def _shop_post(self, loaded: LoadedVersion, found: _ShopItems, vectors: np.ndarray | None) -> list[ShopItem]:
+        """Each item's page: its vector searched in its category, or popularity (CPU pool)."""
+        embedded = iter(vectors) if vectors is not None else iter(())
+        answers = []
+        for item in found.items:
+            page: Page | None = None
+            fallback = item.fallback
+            if fallback is None:  # an item with a crop: its vector is the next one (crops kept the items' order)
+                vector = next(embedded)
+                try:
+                    page = loaded.search_page(vector, item.spec)
+                except Exception as exc:  # that item's index broke: popularity answers it
+                    LOG.exception("the search of a /shop item failed for category %s; serving popularity",
+                                  item.spec.category)
+                    fallback = ("embedding_failed", f"embedding failed: {type(exc).__name__}")
+            answers.append(ShopItem(item.detection, self._recommendation(loaded, item.spec, page, fallback)))
+        return answers
 
     async def similar(self, product_id: str, k: int = 10, offset: int = 0, filter: str | None = None,
                       dedup: bool = True) -> Recommendation:
@@ -349,10 +392,17 @@ class Engine:
 
     async def _answer(self, loaded: LoadedVersion, spec: SearchSpec, page: Page | None,
                       fallback: tuple[str, str] | None) -> Recommendation:
+        if page is None:  # the popularity page reads the catalogue: off the event loop
+            return await self._in_pool(self._recommendation, loaded, spec, page, fallback)
+        return self._recommendation(loaded, spec, page, fallback)
+
+    def _recommendation(self, loaded: LoadedVersion, spec: SearchSpec, page: Page | None,
+                        fallback: tuple[str, str] | None) -> Recommendation:
+        """The answer for one page, or for popularity's (`page` None: read here, so call it off the loop)."""
         if page is None:
             assert fallback is not None
             self.metrics.fallbacks.labels(reason=fallback[0]).inc()
-            page = await self._in_pool(loaded.popular_page, spec)
+            page = loaded.popular_page(spec)
         return Recommendation(
             category=spec.category,
             source="embedding" if fallback is None else "popularity",

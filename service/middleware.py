@@ -131,9 +131,10 @@ class AdmissionGate:
             await _send_json(send, 503, {"detail": exc.detail}, exc.headers)
             return
         now = time.monotonic()
+        scene = path in SCENE_PATHS and scope["method"] == "POST"
         try:
             deadline = admission.deadline(_header(scope, _TIMEOUT_HEADER), now)
-            if path in SCENE_PATHS and scope["method"] == "POST":
+            if scene:
                 admission.check_scene(deadline, now)
         except BadTimeout as exc:
             await _send_json(send, 400, {"detail": str(exc)}, keep_alive=True)
@@ -142,11 +143,11 @@ class AdmissionGate:
             await _send_json(send, 503, {"detail": exc.detail}, exc.headers, keep_alive=True)
             return
         scope.setdefault("state", {})["deadline"] = deadline
-        admission.begin()
+        admission.begin(scene)
         try:
             await self._bounded(scope, receive, send, deadline)
         finally:
-            admission.end()
+            admission.end(scene)
 
     async def _bounded(self, scope: Scope, receive: Receive, send: Send, deadline: float) -> None:
         """The app, cancelled when the client goes away or when `deadline` passes before it answers."""

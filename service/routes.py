@@ -20,6 +20,7 @@ from service.schemas import (
     DetectResponse,
     ErrorResponse,
     FacetsResponse,
+    FollowInfo,
     HealthResponse,
     Item,
     PriceRange,
@@ -253,6 +254,8 @@ async def readyz(request: Request, engine: EngineDep, response: Response) -> Rea
     admission: Admission = request.app.state.admission
     runtime = loaded.encoder.description if loaded is not None and loaded.encoder is not None else None
     torch_loaded = "torch" in sys.modules  # a process serving an export should never have imported it
+    follower = getattr(request.app.state, "follower", None)
+    follow = FollowInfo(poll_s=follower.poll_s, seen=follower.seen) if follower is not None else None
     if admission.draining:  # shutting down: orchestrators take this instance out of rotation
         response.status_code = 503
         return ReadyResponse(
@@ -260,20 +263,21 @@ async def readyz(request: Request, engine: EngineDep, response: Response) -> Rea
             categories=len(loaded.resolver.paths) if loaded else 0,
             indexed_categories=len(loaded.indexes) if loaded else 0,
             model_loaded=loaded.model_loaded if loaded else False, problem="the service is shutting down",
-            runtime=runtime, torch_loaded=torch_loaded,
+            runtime=runtime, torch_loaded=torch_loaded, follow=follow,
         )
     if loaded is None:
         response.status_code = 503
         return ReadyResponse(
             status="loading" if holder.loading else "unavailable", index_version=None, categories=0,
             indexed_categories=0, model_loaded=False, problem=holder.load_error, torch_loaded=torch_loaded,
+            follow=follow,
         )
     return ReadyResponse(
         status=loaded.status, index_version=loaded.version, categories=len(loaded.resolver.paths),
         indexed_categories=len(loaded.indexes), model_loaded=loaded.model_loaded, problem=loaded.problem,
         runtime=runtime, torch_loaded=torch_loaded,
         detector=loaded.detector.name if loaded.detector is not None else None,
-        detector_problem=loaded.detector_problem,
+        detector_problem=loaded.detector_problem, follow=follow,
     )
 
 

@@ -134,6 +134,11 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class FollowInfo(BaseModel):
+    poll_s: float  # about how often `current` is looked at
+    seen: str | None  # the version `current` named at the last look (None before the first)
+
+
 class ReadyResponse(BaseModel):
     status: Literal["ready", "degraded", "loading", "unavailable", "draining"]
     index_version: str | None
@@ -148,6 +153,8 @@ class ReadyResponse(BaseModel):
     # The item detector's runtime ("openvino", "onnxruntime"); None: /detect and /shop answer 503 (see problem).
     detector: str | None = None
     detector_problem: str | None = None
+    # STL_RELOAD_POLL_S: this replica follows `current` by itself; None when it does not.
+    follow: FollowInfo | None = None
 
 
 class ReloadResponse(BaseModel):

@@ -55,8 +55,13 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(app, host: str, port: int, log_level: str, drain_s: float) -> None:
-    """Run `app` (built by service.app.create_app) until a signal has drained it."""
+def serve(app, host: str, port: int, log_level: str, drain_s: float, keep_alive_s: float = 75.0) -> None:
+    """Run `app` (built by service.app.create_app) until a signal has drained it.
+
+    `keep_alive_s` must exceed the idle time after which clients and load balancers drop a connection
+    themselves (httpx 5 s, AWS ALB 60 s): with uvicorn's own 5 s, a client reusing a connection idle for
+    just under 5 s races the server's close, and its POST fails with a read error (12 of 47,892 requests
+    of a 10-minute soak at c=32). 75 s is nginx's default."""
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=max(1, round(drain_s)))
+                            timeout_graceful_shutdown=max(1, round(drain_s)), timeout_keep_alive=keep_alive_s)
     DrainingServer(config, app.state.admission).run()

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOG = logging.getLogger(__name__)
@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     runtime_threads: int = Field(0, ge=0, le=256, description="OpenVINO / ONNX Runtime threads; 0: every core")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
     faiss_threads: int = Field(1, ge=0, description="faiss OpenMP threads per search; 0 keeps faiss's default")
+    # Compressed indexes (SQ8 / PQ codes): re-ranked from the stored float vectors (service/search.py Rerank).
+    rerank_candidates: int = Field(
+        200, ge=0, le=100_000,
+        description="rows of a compressed index re-scored from the float vectors per search (at least 4x the hits "
+                    "wanted); 0: serve the codes' own ranking"
+    )
     preprocess_threads: int = Field(0, ge=0, le=64, description="decode/crop/search threads; 0 = CPU count")
     preprocess_inline: bool | None = Field(
         None, description="decode and crop on the batcher's thread; unset: yes on a CPU, no on a GPU"
@@ -71,6 +77,11 @@ class Settings(BaseSettings):
         10_000.0, gt=0, le=3_600_000, description="answer 503 when an API request has no answer by then"
     )
     drain_s: float = Field(15.0, ge=0, le=3600, description="on SIGTERM, time to answer what was admitted")
+    keep_alive_s: float = Field(
+        75.0, gt=0, le=3600,
+        description="idle keep-alive connections are closed after this long; above every client's and load "
+                    "balancer's own idle timeout, so that they close first (service/server.py)"
+    )
     api_keys: SecretStr | None = Field(
         None, description="comma-separated API keys, or @/path of a file of them (one a line); unset: open"
     )
@@ -81,6 +92,20 @@ class Settings(BaseSettings):
     background_load: bool = Field(
         True, description="accept requests (readyz 503 'loading') while the model and indexes load at start-up"
     )
+    # Replicas follow the index (service/follow.py): one setting and the check that it cannot contradict a pin.
+    reload_poll_s: float = Field(
+        0.0, ge=0, le=86_400,
+        description="look at the artifacts' `current` link about this often (seconds) and reload when it moves; 0: off"
+    )
+
+    @field_validator("reload_poll_s")
+    @classmethod
+    def _follow_or_pin(cls, value: float, info: ValidationInfo) -> float:
+        if value > 0 and info.data.get("index_version"):
+            raise ValueError("STL_RELOAD_POLL_S follows the `current` link and STL_INDEX_VERSION pins one version: "
+                             "set one or the other")
+        return value
+
     log_level: str = "INFO"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

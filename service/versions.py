@@ -31,6 +31,7 @@ from typing import Literal, Protocol
 import numpy as np
 from PIL import Image
 
+from index.ann import is_compressed
 from index.artifact import Artifact, ArtifactError, CategoryIndex, current_version, open_artifact
 from index.catalogue import Catalogue, CatalogueError, Facets, ProductRecord
 from index.filters import Filter, FilterError, parse_filter
@@ -38,7 +39,7 @@ from service.encoder import SceneEncoder, load_encoder, runtime_threads
 from service.images import BadInput, decode_image
 from service.metrics import Metrics
 from service.process import FaissThreads
-from service.search import CategorySearch, Groups, Hit, Page, RowPage, SearchSpec
+from service.search import CategorySearch, Groups, Hit, Page, Rerank, RowPage, SearchSpec
 from service.settings import Settings
 from training.data.stl import BBox, CategoryResolver, UnknownCategory
 from training.model.arrays import CropTooSmall, bbox_to_pixels
@@ -84,19 +85,23 @@ class Located:
 
 
 class StoredVectors:
-    """Each category's stored index rows, read from the artifact once, on first use ("more like this")."""
+    """Each category's stored index rows ("more like this", re-ranking), memory-mapped read-only on first use:
+    only the rows asked for are read, so a 10M-row category costs no 5 GB of RAM."""
 
     def __init__(self, artifact: Artifact) -> None:
         self._artifact = artifact
         self._lock = threading.Lock()
         self._loaded: dict[str, np.ndarray] = {}
 
-    def row(self, category: str, row: int) -> np.ndarray:
-        with self._lock:  # held while reading: two first requests must not read the same file twice
+    def rows(self, category: str) -> np.ndarray:
+        with self._lock:  # two first requests must not map the same file twice
             vectors = self._loaded.get(category)
             if vectors is None:
-                vectors = self._loaded[category] = self._artifact.read_vectors(category)
-        return vectors[row]
+                vectors = self._loaded[category] = self._artifact.read_vectors(category, mmap=True)
+        return vectors
+
+    def row(self, category: str, row: int) -> np.ndarray:
+        return np.array(self.rows(category)[row])
 
 
 @dataclass(frozen=True)
@@ -298,10 +303,12 @@ def load_version(settings: Settings, version: str | None = None) -> LoadedVersio
     encoder: SceneEncoder | None = None
     indexes: dict[str, CategoryIndex] = {}
     searches: dict[str, CategorySearch] = {}
+    stored = StoredVectors(artifact)
     try:
         encoder = load_encoder(settings, artifact)  # checked against the embedder the indexes were built with
         indexes = artifact.load_indexes()
-        searches = {category: CategorySearch(index) for category, index in indexes.items()}
+        searches = {category: CategorySearch(index, rerank=_rerank(settings, artifact, stored, category))
+                    for category, index in indexes.items()}
         encoder.warm_up()
     except Exception as exc:  # missing, corrupt or mismatched: degrade to popularity, keep serving
         LOG.error("version %s cannot serve embeddings, falling back to popularity: %s", artifact.version,
@@ -328,7 +335,7 @@ def load_version(settings: Settings, version: str | None = None) -> LoadedVersio
         indexes=indexes,
         searches=searches,
         catalogue=catalogue,
-        vectors=StoredVectors(artifact),
+        vectors=stored,
         locations=locations,
         problem="; ".join(problems) or None,
         max_image_pixels=settings.max_image_pixels,
@@ -341,6 +348,14 @@ def load_version(settings: Settings, version: str | None = None) -> LoadedVersio
     if encoder is not None:
         LOG.info("serving with runtime %s", encoder.description)
     return loaded
+
+
+def _rerank(settings: Settings, artifact: Artifact, stored: StoredVectors, category: str) -> Rerank | None:
+    """Re-ranking for a category whose index scores by compressed codes (None: exact scores already, or
+    STL_RERANK_CANDIDATES=0)."""
+    if settings.rerank_candidates == 0 or not is_compressed(artifact.entry(category).factory):
+        return None
+    return Rerank(stored.rows(category), settings.rerank_candidates)
 
 
 def _load_detector(settings: Settings, artifact: Artifact) -> tuple[DetectorGraph | None, str | None]:

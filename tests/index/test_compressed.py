@@ -6,6 +6,7 @@ import faiss
 import numpy as np
 import pytest
 
+from index import ann
 from index.ann import (
     OverBudget,
     build_index,
@@ -53,9 +54,10 @@ def test_budget_picks_the_best_index_that_fits():
     assert choose_spec(count, dim=dim).factory == "IVF4096,Flat"  # no budget: as before
     assert choose_spec(count, dim=dim, memory_budget=2**30).factory == "IVF4096,Flat"  # 520 MB fits
     assert choose_spec(count, dim=dim, memory_budget=300 * 2**20).factory == "IVF4096,SQ8"
-    assert choose_spec(count, dim=dim, memory_budget=100 * 2**20).factory == "IVF4096,PQ64x8"
-    assert choose_spec(count, dim=dim, memory_budget=30 * 2**20).factory == "IVF4096,PQ16x8"
-    assert index_bytes("IVF4096,PQ16x8", count, dim) < 30 * 2**20 < index_bytes("IVF4096,PQ32x8", count, dim)
+    assert choose_spec(count, dim=dim, memory_budget=100 * 2**20).factory == "IVF4096,PQ64x8np"
+    assert choose_spec(count, dim=dim, memory_budget=30 * 2**20).factory == "IVF4096,PQ16x8np"
+    assert index_bytes("IVF4096,PQ16x8np", count, dim) < 30 * 2**20 < index_bytes("IVF4096,PQ32x8np", count, dim)
+    assert index_bytes("IVF4096,PQ16x8", count, dim) == index_bytes("IVF4096,PQ16x8np", count, dim)  # older manifests
     with pytest.raises(OverBudget):
         choose_spec(count, dim=dim, memory_budget=10 * 2**20)
     assert choose_spec(1000, dim=dim, memory_budget=2**30).factory == "Flat"  # small: exact stays exact
@@ -63,10 +65,13 @@ def test_budget_picks_the_best_index_that_fits():
 
 def test_pq_index_is_smaller_and_tuned(vectors, pq):
     spec, index = pq
-    assert spec.factory == "IVF307,PQ8x8"
-    params, recall = tune_search_params(index, vectors, spec)
+    assert spec.factory == "IVF307,PQ8x8np"
+    params, recall = tune_search_params(index, vectors, spec, rerank_candidates=0)
     assert len(faiss.serialize_index(index)) < vectors.nbytes / 3
-    assert 0.3 < recall <= 1.0 and params["nprobe"] < faiss.extract_index_ivf(index).nlist  # plateau stops early
+    assert 0.3 < recall < 0.9 and params["nprobe"] < faiss.extract_index_ivf(index).nlist  # plateau stops early
+    # Tuned as served, re-ranked from the float vectors: the same probes find nearly every true neighbour.
+    params, reranked = tune_search_params(index, vectors, spec)
+    assert reranked >= 0.97 > recall and params["nprobe"] < faiss.extract_index_ivf(index).nlist
 
 
 def test_rerank_from_stored_vectors_restores_recall(vectors, pq, tmp_path):
@@ -106,3 +111,31 @@ def test_build_refuses_a_budget_no_index_fits(dataset_dir, checkpoint_path, tmp_
         build(dataset_dir, checkpoint_path, tmp_path / "out", device="cpu", workers=0, progress=False,
               runtime="torch", export=False, duplicate_threshold=0.0, memory_budget=100)
     assert not (tmp_path / "out" / "current").exists()
+
+
+def test_exact_neighbours_scans_in_chunks_alike(vectors, monkeypatch, tmp_path):
+    queries = _clustered(20, 32, seed=4)
+    whole = ann.exact_neighbours(vectors, queries, 10)
+    np.save(tmp_path / "vectors.npy", vectors)
+    monkeypatch.setattr(ann, "EXACT_CHUNK", 1000)  # 12 chunks of a memory map, merged
+    chunked = ann.exact_neighbours(np.load(tmp_path / "vectors.npy", mmap_mode="r"), queries, 10)
+    assert chunked.tolist() == whole.tolist()
+
+
+def test_which_indexes_are_re_ranked():
+    assert [ann.is_compressed(f) for f in ("Flat", "IVF64,Flat", "HNSW32", "HNSW32,Flat")] == [False] * 4
+    assert all(ann.is_compressed(f) for f in ("IVF64,SQ8", "IVF4096,PQ16x8np", "IVF4096,PQ64x8"))
+    assert ann.rerank_pool(10) == 200 and ann.rerank_pool(100) == 400 and ann.rerank_pool(10, 50) == 50
+
+
+def test_rerank_keeps_the_tie_rule_when_it_sorts_only_the_best():
+    rng = np.random.default_rng(7)
+    vectors = rng.integers(0, 3, size=(500, 4)).astype(np.float32)  # many equal scores
+    query = np.ones(4, np.float32)
+    rows = rng.permutation(500)[:300]
+    scores, best = rerank(vectors, query, rows, 20)
+    candidates = np.unique(rows)
+    all_scores = vectors[candidates] @ query
+    expected = candidates[np.lexsort((candidates, -all_scores))[:20]]  # every candidate sorted: ties by lower row
+    assert best.tolist() == expected.tolist()
+    np.testing.assert_array_equal(scores, vectors[best] @ query)

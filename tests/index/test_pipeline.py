@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,29 @@ def test_bad_sizes_are_refused_before_anything_is_written(tmp_path: Path) -> Non
     argv[argv.index("--scenes") + 1] = "0"
     assert pipeline.main(argv) != 0
     assert not (tmp_path / "data").exists() and not (tmp_path / "artifacts").exists()
+
+
+def test_engine_and_ray_address_reach_training_and_the_build(tmp_path: Path, monkeypatch, capsys) -> None:
+    from training.exec.ray_executor import RayExecutor
+
+    seen: dict[str, object] = {}
+
+    def fake_fit_head(data, out, options, **kwargs):
+        seen["fit_head"] = kwargs["executor"]
+        out.mkdir(parents=True)
+        (out / "head.pt").write_bytes(b"a head")
+
+    def fake_build(**kwargs):
+        seen["build"] = kwargs["executor"]
+        return "v1"
+
+    monkeypatch.setattr(pipeline, "generate", lambda *args, **kwargs: None)
+    monkeypatch.setattr(pipeline, "fit_head", fake_fit_head)
+    monkeypatch.setattr(pipeline, "build", fake_build)
+    argv = _argv(tmp_path, "--no-detector", "--engine", "ray", "--ray-address", "10.1.2.3:6379")
+    assert pipeline.main(argv) == 0
+    assert "published v1" in capsys.readouterr().out
+    # One executor for the run: the cluster is joined once, by the first step that needs it (none here).
+    assert isinstance(seen["fit_head"], RayExecutor) and seen["build"] is seen["fit_head"]
+    assert seen["fit_head"].address == "10.1.2.3:6379"
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()

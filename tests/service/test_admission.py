@@ -224,3 +224,57 @@ def test_a_client_that_disconnects_cancels_its_request(tmp_path: Path) -> None:
     assert cancelled.is_set()
     assert admission.in_flight == 0
     assert 'stl_requests_abandoned_total{reason="disconnect"} 1.0' in metrics.render().decode()
+
+
+class _IdleLoad:
+    """A batcher that has measured 40 ms a crop and holds nothing yet: admitted scenes are still upstream."""
+
+    outstanding = 0
+    seconds_per_crop = 0.04
+
+    def expected_wait_s(self) -> float:
+        return 0.0
+
+
+def test_admitted_scenes_not_yet_queued_count_toward_the_wait(tmp_path: Path) -> None:
+    # In a storm, admitted requests wait between the door and the queue (reading bodies, decoding) where the
+    # batcher cannot see them; if only the queue counted, every one of them would be let in.
+    admission = Admission(make_settings(tmp_path, queue_budget_ms=100), Metrics())
+    admission.attach(_IdleLoad())
+    release = asyncio.Event()
+
+    async def app(scope, receive, send) -> None:
+        await receive()
+        await release.wait()  # still reading and decoding: not in the batcher's queue
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def request(path: str = "/recommend") -> int:
+        sent: list[dict] = []
+        body = iter([{"type": "http.request", "body": b"scene", "more_body": False}])
+
+        async def receive() -> dict:
+            message = next(body, None)
+            if message is None:
+                await asyncio.sleep(30)
+            return message
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": path, "headers": []}
+        await AdmissionGate(app, admission)(scope, receive, send)
+        return sent[0]["status"]
+
+    async def scenario() -> tuple[list[int], int, int]:
+        admitted = [asyncio.create_task(request()) for _ in range(3)]  # waits 0, 40 and 80 ms: within 100
+        await asyncio.sleep(0.05)
+        assert admission.scenes_in_flight == 3
+        refused = await request()  # a fourth would wait 120 ms
+        release.set()
+        statuses = list(await asyncio.gather(*admitted))
+        return statuses, refused, await request()
+
+    statuses, refused, after = asyncio.run(scenario())
+    assert statuses == [200, 200, 200] and refused == 503
+    assert after == 200 and admission.scenes_in_flight == 0  # answered scenes no longer count

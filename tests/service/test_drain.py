@@ -87,3 +87,19 @@ async def _load_then_sigterm(url: str, server: subprocess.Popen) -> tuple[list[i
         ready = (probe.status_code, probe.json()["status"])
         await asyncio.wait_for(asyncio.gather(*clients), 60)
     return statuses, errors, ready
+
+
+def test_keep_alive_outlasts_the_clients_idle_timeout(monkeypatch) -> None:
+    # uvicorn's default (5 s) equals httpx's keepalive_expiry: a reused connection raced the server's close.
+    from service import server
+    from service.settings import Settings
+
+    configs = []
+    monkeypatch.setattr(server.DrainingServer, "run", lambda self: configs.append(self.config))
+
+    class App:
+        class state:  # noqa: N801  (what serve reads of a FastAPI app)
+            admission = None
+
+    server.serve(App(), "127.0.0.1", 0, "warning", 15.0, Settings().keep_alive_s)
+    assert configs[0].timeout_keep_alive == 75.0 > httpx.Limits().keepalive_expiry

@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -16,7 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.engine import Engine
 from service.launch import wait_until_ready
+from service.search import Page, SearchSpec
 from service.versions import LoadedVersion
 from tests.index.detection import BAGS, SHOES, build_box_shop, scene_bytes, truth
 from tests.service.helpers import make_settings, post, scene_jpeg
@@ -78,6 +80,39 @@ def test_shop_answers_every_item_with_its_products_from_one_batch(
         colour = "red" if item["category"] == SHOES else "blue"
         assert all(product["product_id"].startswith(colour) for product in item["products"])
         assert [product["rank"] for product in item["products"]] == [1, 2, 3]
+
+
+def test_shop_takes_two_trips_to_the_cpu_pool_whatever_the_number_of_items(
+        shop_app: TestClient, box_shop: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    trips: list[str] = []
+    in_pool = Engine._in_pool
+
+    async def counted(self: Engine, fn: Callable[..., object], *args: object) -> object:
+        trips.append(fn.__name__)
+        return await in_pool(self, fn, *args)
+
+    monkeypatch.setattr(Engine, "_in_pool", counted)
+    body = shop_app.post("/shop", data={"k": "2"}, files=_image(box_shop["data"])).json()
+    assert len(body["items"]) >= 2
+    assert trips == ["_shop_pre", "_shop_post"]  # decode + detect + crops, then every item's search
+
+
+def test_an_item_whose_search_fails_is_answered_by_popularity_alone(
+        shop_app: TestClient, box_shop: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    search = LoadedVersion.search_page
+
+    def broken_for_shoes(self: LoadedVersion, vector: np.ndarray, spec: SearchSpec) -> Page:
+        if spec.category == SHOES:
+            raise RuntimeError("a broken index")
+        return search(self, vector, spec)
+
+    monkeypatch.setattr(LoadedVersion, "search_page", broken_for_shoes)
+    body = shop_app.post("/shop", data={"k": "2"}, files=_image(box_shop["data"])).json()
+    by_category = {item["category"]: item for item in body["items"]}
+    assert by_category[SHOES]["source"] == "popularity" and len(by_category[SHOES]["products"]) == 2
+    assert "RuntimeError" in by_category[SHOES]["fallback_reason"]
+    assert by_category[BAGS]["source"] == "embedding" and by_category[BAGS]["fallback_reason"] is None
+    assert all(product["product_id"].startswith("blue") for product in by_category[BAGS]["products"])
 
 
 def test_shop_keeps_only_the_categories_asked_for(shop_app: TestClient, box_shop: dict[str, Path]) -> None:

@@ -7,6 +7,7 @@ parsers from these.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,14 +55,30 @@ def add_progress_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_images_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", default=None,
+                        help="where the images are when not under DATA/images: a folder or a URI holding scenes/ "
+                             "and products/ (s3://bucket/stl, gs://..., https://host/stl; read through fsspec)")
+
+
 ENGINES = ("local", "ray")  # training.exec.executor.ENGINES, named here without importing torch
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """--engine (where the embedding runs: this process, or a Ray cluster) and --ray-address."""
+def add_engine_args(parser: argparse.ArgumentParser, what: str = "the embedding") -> None:
+    """--engine (where `what` runs: this process, or a Ray cluster) and --ray-address: one definition for
+    `features`, `train`, `index build` and `index pipeline` (`training.exec.choose.open_executor` takes both)."""
     parser.add_argument("--engine", choices=ENGINES, default="local",
-                        help="local: this process (decoding in --workers processes); ray: a Ray actor pool, one "
-                             "model per actor (one GPU each when the cluster has GPUs)")
+                        help=f"where {what} runs. local: this process (decoding in threads beside it); ray: a Ray "
+                             "actor pool, one model per actor (one GPU each when the cluster has GPUs)")
     parser.add_argument("--ray-address", default=None,
                         help="Ray cluster to join (default: $RAY_ADDRESS; without either a local Ray starts and "
-                             "stops with the job)")
+                             "stops with the job). Nothing connects until a step needs the engine")
+
+
+def require_positive(**values: int) -> bool:
+    """False, with one error line naming the flags, when any value is below 1 (the caller exits 2, as for
+    every bad input, instead of argparse's SystemExit)."""
+    low = [f"--{name.replace('_', '-')}" for name, value in values.items() if value < 1]
+    if low:
+        print(f"error: {' and '.join(low)} must be >= 1", file=sys.stderr)
+    return not low

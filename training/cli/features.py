@@ -13,6 +13,7 @@ from training.cli.args import (
     add_data_arg,
     add_device_arg,
     add_engine_args,
+    add_images_arg,
     add_progress_arg,
     add_workers_arg,
 )
@@ -36,9 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64)
     add_workers_arg(parser, help="decoding worker processes (0: in process)")
     add_device_arg(parser)
-    parser.add_argument("--images", default=None,
-                        help="where the images are when not under DATA/images: a folder or a URI holding scenes/ "
-                             "and products/ (s3://bucket/stl, gs://..., https://host/stl; read through fsspec)")
+    add_images_arg(parser)
     add_engine_args(parser)
     add_progress_arg(parser)
     return parser

@@ -16,11 +16,13 @@ from training.cli.args import (
     add_context_arg,
     add_data_arg,
     add_device_arg,
+    add_engine_args,
     add_progress_arg,
     add_split_seed_arg,
     add_workers_arg,
 )
 from training.errors import TrainingError
+from training.exec.choose import open_executor
 from training.fit.mining import MINER_KINDS
 from training.fit.run import CONFIG_FILE, DEFAULTS, LOG_FILE, FitOptions, fit_head
 from training.fit.trainer import LOSSES
@@ -62,6 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--feature-batch-size", type=int, default=64, help="feature extraction batch size")
     add_workers_arg(parser)
     parser.add_argument("--force", action="store_true", help="retrain even if OUT/head.pt is up to date")
+    add_engine_args(parser, what="the feature extraction")
     add_progress_arg(parser)
     return parser
 
@@ -70,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         options = FitOptions(**{field.name: getattr(args, field.name) for field in fields(FitOptions)})
-        fitted = fit_head(args.data, args.out, options, cache=args.cache, device=args.device, workers=args.workers,
-                          feature_batch_size=args.feature_batch_size, progress=not args.no_progress,
-                          force=args.force)
+        with open_executor(args.engine, args.ray_address, args.workers) as executor:
+            fitted = fit_head(args.data, args.out, options, cache=args.cache, device=args.device,
+                              workers=args.workers, feature_batch_size=args.feature_batch_size,
+                              progress=not args.no_progress, force=args.force, executor=executor)
     except TrainingError as exc:
         return report(exc)
     if fitted.up_to_date:

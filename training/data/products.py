@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.data.stl import is_valid_id
+from training.data.stl import is_valid_id, jsonl_records
 from training.errors import DataError
 from training.io import write_text_atomic
 
@@ -175,17 +175,10 @@ def product_from_record(record: Mapping[str, object]) -> Product:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
-    with path.open(encoding="utf-8") as lines:
-        for number, text in enumerate(lines, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ProductFormatError(f"{path}:{number}: malformed JSON: {exc.msg}") from exc
-            if not isinstance(record, dict):
-                raise ProductFormatError(f"{path}:{number}: expected a JSON object")
-            yield number, record
+    for number, record in jsonl_records(path):
+        if isinstance(record, str):  # a product file is all or nothing: no record is skipped
+            raise ProductFormatError(f"{path}:{number}: {record}")
+        yield number, record
 
 
 def _csv_scalar(name: str, text: str) -> object:

@@ -16,10 +16,10 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from training.errors import DataError, Unavailable, UnknownCategory
 from training.io import file_sha256
@@ -198,6 +198,21 @@ def _fail(report: LoadReport, on_error: OnError, issue: Issue) -> None:
     report.issues.append(issue)
 
 
+def jsonl_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(line number, record) for each non-blank line of a JSON-lines file; a line that is not a JSON object
+    comes as (line number, what is wrong with it), for the caller to raise or to skip and count."""
+    with Path(path).open(encoding="utf-8") as lines:
+        for number, text in enumerate(lines, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield number, f"malformed JSON: {exc.msg}"
+                continue
+            yield number, record if isinstance(record, dict) else "expected a JSON object"
+
+
 def read_pairs(
     path: str | Path,
     categories: CategoryMap | None = None,
@@ -215,48 +230,40 @@ def read_pairs(
     report = report if report is not None else LoadReport()
     root = Path(image_root) if image_root is not None else None
     pairs: list[Pair] = []
-    with path.open(encoding="utf-8") as lines:
-        for number, text in enumerate(lines, start=1):
-            if not text.strip():
+    for number, record in jsonl_records(path):
+        if isinstance(record, str):
+            _fail(report, on_error, Issue(str(path), number, record))
+            continue
+        missing = [key for key in ("product", "scene", "bbox") if key not in record]
+        if missing:
+            _fail(report, on_error, Issue(str(path), number, f"missing field(s) {missing}"))
+            continue
+        scene_id, product_id = record["scene"], record["product"]
+        bad_id = next(
+            (value for value in (scene_id, product_id) if not is_valid_id(value)),
+            None,
+        )
+        if bad_id is not None:
+            _fail(report, on_error, Issue(str(path), number, f"invalid image id {bad_id!r}"))
+            continue
+        try:
+            bbox = validate_bbox(record["bbox"])
+        except ValueError as exc:
+            _fail(report, on_error, Issue(str(path), number, str(exc)))
+            continue
+        if categories is not None and product_id not in categories:
+            _fail(report, on_error, Issue(str(path), number, f"product {product_id} has no category"))
+            continue
+        if root is not None:
+            absent = [
+                str(image)
+                for image in (scene_path(root, scene_id), product_path(root, product_id))
+                if not image.is_file()
+            ]
+            if absent:
+                _fail(report, on_error, Issue(str(path), number, f"missing image(s) {absent}"))
                 continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                _fail(report, on_error, Issue(str(path), number, f"malformed JSON: {exc.msg}"))
-                continue
-            if not isinstance(record, dict):
-                _fail(report, on_error, Issue(str(path), number, "expected a JSON object"))
-                continue
-            missing = [key for key in ("product", "scene", "bbox") if key not in record]
-            if missing:
-                _fail(report, on_error, Issue(str(path), number, f"missing field(s) {missing}"))
-                continue
-            scene_id, product_id = record["scene"], record["product"]
-            bad_id = next(
-                (value for value in (scene_id, product_id) if not is_valid_id(value)),
-                None,
-            )
-            if bad_id is not None:
-                _fail(report, on_error, Issue(str(path), number, f"invalid image id {bad_id!r}"))
-                continue
-            try:
-                bbox = validate_bbox(record["bbox"])
-            except ValueError as exc:
-                _fail(report, on_error, Issue(str(path), number, str(exc)))
-                continue
-            if categories is not None and product_id not in categories:
-                _fail(report, on_error, Issue(str(path), number, f"product {product_id} has no category"))
-                continue
-            if root is not None:
-                absent = [
-                    str(image)
-                    for image in (scene_path(root, scene_id), product_path(root, product_id))
-                    if not image.is_file()
-                ]
-                if absent:
-                    _fail(report, on_error, Issue(str(path), number, f"missing image(s) {absent}"))
-                    continue
-            pairs.append(Pair(scene_id, product_id, bbox))
+        pairs.append(Pair(scene_id, product_id, bbox))
     return pairs
 
 

@@ -1,4 +1,4 @@
-"""The executor interface of the batch jobs, and the local one: today's DataLoader loop in this process.
+"""The executor interface of the batch jobs, and the local one: decode beside the model, in this process.
 
 An executor does two things: `map_embed(job, items)` runs the one embedder over image locations and yields
 chunks of results as they finish (so the feature cache can commit them and resume after a kill), and
@@ -8,8 +8,11 @@ that writes: cache segments, the artifact, its publication.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
@@ -120,18 +123,26 @@ class _Images(Dataset):
         return position, *decode_item(self.items[position], self.preprocess)
 
 
-def _collate(samples: list[tuple[int, np.ndarray | None, str | None, bool]]) -> dict:
+def _collate(samples: list[tuple[int, np.ndarray | None, str | None, bool]], as_tensor: bool = True) -> dict:
     good = [(position, array) for position, array, _, _ in samples if array is not None]
+    stacked = np.stack([array for _, array in good]) if good else None
     return {
         "positions": np.asarray([position for position, _ in good], dtype=np.int64),
-        # A tensor, not an array: DataLoader hands tensors over in shared memory, arrays through a pipe.
-        "batch": torch.from_numpy(np.stack([array for _, array in good])) if good else None,
+        # A tensor, not an array, out of a DataLoader: it hands tensors over in shared memory, arrays in a pipe.
+        "batch": torch.from_numpy(stacked) if as_tensor and stacked is not None else stacked,
         "errors": [(position, error, transient) for position, _, error, transient in samples if error is not None],
     }
 
 
 class LocalExecutor:
-    """This process runs the model; `workers` DataLoader processes decode the next batches meanwhile."""
+    """This process runs the model while the next batches are decoded beside it.
+
+    With an exported runtime (OpenVINO, ONNX Runtime: CPU graphs that release the GIL) `workers` threads of
+    this process decode: PIL and numpy release the GIL too, and an array handed over between threads costs
+    nothing, while a DataLoader worker process pickles every batch through shared memory, which cost the
+    OpenVINO job a third of its throughput on 2 cores (benchmarks/bench_features.py). torch keeps its
+    DataLoader workers (the GPU path, and what it was measured with).
+    """
 
     name = "local"
 
@@ -144,9 +155,20 @@ class LocalExecutor:
             raise ValueError("an EmbedJob needs `loaded` or `load`")
         opened = (contextlib.nullcontext(job.opened) if job.opened is not None
                   else batch_runtime(embedder, job.runtime, job.export_dir))
+        with opened as runtime:
+            chunks = (self._decoded_in_threads(items, embedder.preprocess, job.batch_size)
+                      if runtime.name != "torch" and self.workers > 0
+                      else self._decoded_in_workers(items, embedder.preprocess, job.batch_size))
+            for positions, batch, errors in chunks:
+                values = (compute(runtime, batch, job.output) if batch is not None
+                          else np.zeros((0, 0), dtype=np.float32))
+                yield EmbedChunk(positions, values, errors)
+
+    def _decoded_in_workers(self, items: Sequence[ImageItem], preprocess: Preprocess,
+                            batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None, list]]:
         loader = DataLoader(
-            _Images(items, embedder.preprocess),
-            batch_size=job.batch_size,
+            _Images(items, preprocess),
+            batch_size=batch_size,
             shuffle=False,
             num_workers=self.workers,
             collate_fn=_collate,
@@ -154,12 +176,30 @@ class LocalExecutor:
             # pass instead of alternating decode and compute.
             prefetch_factor=4 if self.workers > 0 else None,
         )
-        with opened as runtime:
-            for chunk in loader:
-                batch = chunk["batch"]
-                values = (compute(runtime, batch.numpy(), job.output) if batch is not None
-                          else np.zeros((0, 0), dtype=np.float32))
-                yield EmbedChunk(chunk["positions"], values, chunk["errors"])
+        for chunk in loader:
+            batch = chunk["batch"]
+            yield chunk["positions"], batch.numpy() if batch is not None else None, chunk["errors"]
+
+    def _decoded_in_threads(self, items: Sequence[ImageItem], preprocess: Preprocess,
+                            batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None, list]]:
+        decode = functools.partial(decode_item, preprocess=preprocess)
+        starts = iter(range(0, len(items), batch_size))
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="stl-decode") as pool:
+            def submit() -> tuple[int, list[Future]] | None:
+                start = next(starts, None)
+                return None if start is None else (start, [pool.submit(decode, item)
+                                                           for item in items[start:start + batch_size]])
+
+            # Two batches in flight: one decoding while the runtime runs the one before it.
+            pending = collections.deque(batch for batch in (submit(), submit()) if batch is not None)
+            while pending:
+                start, futures = pending.popleft()
+                following = submit()
+                if following is not None:
+                    pending.append(following)
+                samples = [(start + offset, *future.result()) for offset, future in enumerate(futures)]
+                chunk = _collate(samples, as_tensor=False)
+                yield chunk["positions"], chunk["batch"], chunk["errors"]
 
     def map_tasks(self, fn: Callable[..., T], args: Sequence[tuple[Any, ...]]) -> list[T]:
         return [fn(*call) for call in args]

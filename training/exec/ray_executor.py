@@ -1,7 +1,8 @@
 """The Ray executor: Ray Data streams the image list through an actor pool that holds one model per actor.
 
 Joins the cluster at `address` (or RAY_ADDRESS); without one it starts a local Ray for the job and stops it
-afterwards. On a cluster with GPUs each actor takes one GPU and runs torch there; on CPUs the pool leaves one
+afterwards. Nothing connects before the first job (`connect`). On a cluster with GPUs each actor takes one GPU
+and runs torch there, decoding with as many threads as its node has CPUs per GPU; on CPUs the pool leaves one
 CPU for the driver (an actor pool that takes every CPU deadlocks the job on a 2-core machine) and each actor
 decodes with a few threads, then runs the batch job's runtime (OpenVINO over its own export, see
 `training.model.batch_runtime`). An actor that dies is restarted and its batch retried (`max_restarts`,
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from training.data.stl import is_uri
 from training.errors import Unavailable
 from training.exec.executor import EmbedChunk, EmbedJob, ImageItem, compute, decode_item
 from training.model.batch_runtime import batch_runtime
@@ -31,6 +33,7 @@ LOG = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_RETRIES = 3
+CALLS_PER_ACTOR = 2  # batches one actor works on at once: one decoding while the other is in the model
 
 
 def _ray():
@@ -43,7 +46,14 @@ def _ray():
 
 
 class _EmbedActor:
-    """One model per actor: built in __init__ (once, or again after a restart), used for every batch."""
+    """One model per actor: built in __init__ (once, or again after a restart), used for every batch.
+
+    Ray Data may run `CALLS_PER_ACTOR` calls of one actor at once (threads of the actor process): one call's
+    images decode while another's batch is in the model, as the local executor's decode workers do beside its
+    model. With one call at a time the actor alternated decode and compute, and the job ran at 0.59x the local
+    engine's rate on the same 2 cores (benchmarks/bench_ray.py). The model itself runs in one thread of its own
+    whichever call it serves: one torch OpenMP team, one OpenVINO infer request, batches one after another.
+    """
 
     def __init__(self, job: EmbedJob, threads: int | None) -> None:
         ray = _ray()
@@ -53,7 +63,8 @@ class _EmbedActor:
         self._stack = contextlib.ExitStack()
         self.runtime = self._stack.enter_context(batch_runtime(self.embedder, job.runtime, None, threads=threads))
         # PIL and numpy release the GIL while decoding and resizing, so threads keep the actor's cores busy.
-        self.decoders = ThreadPoolExecutor(max(1, threads or 1))
+        self.decoders = ThreadPoolExecutor(max(1, threads or 1), thread_name_prefix="stl-decode")
+        self.model = ThreadPoolExecutor(1, thread_name_prefix="stl-model")
         self.decode = partial(decode_item, preprocess=self.embedder.preprocess)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -63,7 +74,8 @@ class _EmbedActor:
         good = [row for row, (array, _, _) in enumerate(decoded) if array is not None]
         values = None
         if good:
-            computed = compute(self.runtime, np.stack([decoded[row][0] for row in good]), self.job.output)
+            stacked = np.stack([decoded[row][0] for row in good])
+            computed = self.model.submit(compute, self.runtime, stacked, self.job.output).result()
             values = np.zeros((len(items), computed.shape[1]), dtype=np.float32)
             values[good] = computed
         return {
@@ -90,35 +102,54 @@ def _process_temp_dir() -> str:
     return _TEMP.name
 
 
+def _cpus_per_gpu() -> int:
+    """The fewest CPUs per GPU on any live node with GPUs (each GPU actor decodes with that many threads)."""
+    ratios = [int(node["Resources"].get("CPU", 1)) // int(node["Resources"]["GPU"]) for node in _ray().nodes()
+              if node.get("Alive") and node.get("Resources", {}).get("GPU")]
+    return max(1, min(ratios, default=1))
+
+
 class RayExecutor:
-    """Use as a context manager: connects (or starts a local Ray) on enter, disconnects on exit."""
+    """Use as a context manager: connects (or starts a local Ray) when the first job needs it, and disconnects
+    (stops the local Ray it started) on exit."""
 
     name = "ray"
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None, actors: int | None = None,
-                 max_retries: int = DEFAULT_RETRIES, actor_class: type = _EmbedActor) -> None:
+                 max_retries: int = DEFAULT_RETRIES, actor_class: type = _EmbedActor,
+                 calls_per_actor: int = CALLS_PER_ACTOR) -> None:
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.num_cpus = num_cpus
         self.actors = actors
+        self.calls_per_actor = calls_per_actor
         self.max_retries = max_retries
         self.actor_class = actor_class
         self._started = False
 
     def __enter__(self) -> RayExecutor:
+        # Nothing connects yet: a job whose steps are all done (a rerun of the pipeline, a head that is up to
+        # date) never waits for a cluster, or starts a local Ray, that it does not use.
+        return self
+
+    def connect(self) -> None:
+        """Join the cluster (or start a local Ray) unless this process is connected already; idempotent."""
         ray = _ray()
         if ray.is_initialized():
-            return self
+            return
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never phone home from a batch job
-        if self.address:
-            LOG.info("joining the Ray cluster at %s", self.address)
-            ray.init(address=self.address, log_to_driver=False)
-        else:
-            ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
-                     _temp_dir=_process_temp_dir(), _node_ip_address="127.0.0.1")
+        try:
+            if self.address:
+                LOG.info("joining the Ray cluster at %s", self.address)
+                ray.init(address=self.address, log_to_driver=False)
+            else:
+                ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
+                         _temp_dir=_process_temp_dir(), _node_ip_address="127.0.0.1")
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
+            raise Unavailable(f"cannot start or join {where}: {exc}") from exc
         self._started = True
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
-        return self
 
     def __exit__(self, *exc_info: object) -> None:
         if self._started:
@@ -127,10 +158,12 @@ class RayExecutor:
 
     def pool(self) -> dict[str, Any]:
         """Actors, and per actor: GPUs, CPUs and decode/runtime threads, from the cluster's resources."""
+        self.connect()
         resources = _ray().cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
         if gpus:
-            return {"actors": self.actors or gpus, "num_gpus": 1, "num_cpus": 1, "threads": None}
+            # Decode threads: the CPUs beside each GPU (a GPU actor with one decoding thread waits on it).
+            return {"actors": self.actors or gpus, "num_gpus": 1, "num_cpus": 1, "threads": _cpus_per_gpu()}
         actors = self.actors or max(1, cpus - 1)
         return {"actors": actors, "num_gpus": 0, "num_cpus": 1, "threads": max(1, cpus // actors)}
 
@@ -140,7 +173,9 @@ class RayExecutor:
         ray = _ray()
         shipped, pool = job.shippable(), self.pool()
         LOG.info("ray: %d items through %d actor(s) (%s)", len(items), pool["actors"], pool)
-        rows = [{"position": position, "location": item.location,
+        # Absolute paths: a worker's working directory is not the driver's (another machine, or Ray's own).
+        rows = [{"position": position, "location": item.location if is_uri(item.location) else
+                 os.path.abspath(item.location),
                  "bbox": np.asarray(item.bbox if item.bbox is not None else (np.nan,) * 4, dtype=np.float64)}
                 for position, item in enumerate(items)]
         blocks = max(1, min(math.ceil(len(items) / job.batch_size), 4096))
@@ -154,7 +189,9 @@ class RayExecutor:
                 fn_constructor_args=(shipped, pool["threads"]),
                 batch_size=job.batch_size,
                 batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=pool["actors"]),
+                compute=ray.data.ActorPoolStrategy(size=pool["actors"],
+                                                   max_concurrent_calls_per_actor=self.calls_per_actor,
+                                                   enable_true_multi_threading=self.calls_per_actor > 1),
                 num_cpus=pool["num_cpus"],
                 num_gpus=pool["num_gpus"] or None,
                 max_restarts=self.max_retries,
@@ -167,6 +204,7 @@ class RayExecutor:
             yield EmbedChunk(out["position"][ok], np.asarray(out["values"][ok], dtype=np.float32), errors)
 
     def map_tasks(self, fn: Callable[..., T], args: Sequence[tuple[Any, ...]]) -> list[T]:
+        self.connect()
         ray = _ray()
         remote = ray.remote(max_retries=self.max_retries, num_cpus=1)(fn)
         return ray.get([remote.remote(*call) for call in args])

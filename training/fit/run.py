@@ -18,7 +18,8 @@ import numpy as np
 from training.data.split import split_by_scene
 from training.data.stl import Pair, STLDataset, dataset_fingerprint
 from training.errors import DataError
-from training.fit.features import CachedFeatures, cache_features
+from training.exec.executor import Executor
+from training.fit.features import CachedFeatures, backbone_loader, cache_features
 from training.fit.trainer import PairFeatures, Products, TrainConfig, hit_rates, train_head
 from training.io import write_json_atomic
 from training.model.backbones import load_backbone
@@ -163,11 +164,14 @@ def fit_head(
     feature_batch_size: int = 64,
     progress: bool = True,
     force: bool = False,
+    executor: Executor | None = None,
 ) -> FitResult:
     """Train a head on a dataset directory and write OUT/head.pt, config.json and train_log.json.
 
     `cache` (default <data>/.cache/features) holds the backbone features. Unless `force`, a complete
-    checkpoint in OUT trained with the same options on the same data is returned as it is.
+    checkpoint in OUT trained with the same options on the same data is returned as it is. `executor` extracts
+    the features that are not cached yet (`training.exec`: this process by default, or a Ray cluster, whose
+    workers rebuild the backbone from `options`); the head trains here either way.
     """
     data, out = Path(data), Path(out)
     try:
@@ -189,8 +193,10 @@ def fit_head(
     embedder = Embedder(backbone, None, options.context, device)
     started = time.perf_counter()
     cache_root = Path(cache) if cache is not None else data / ".cache" / "features"
+    weights = None if options.backbone_weights is None else Path(options.backbone_weights).resolve()
     features = cache_features(dataset, embedder, cache_root, pairs=dataset.pairs, products=dataset.catalogue(),
-                              batch_size=feature_batch_size, workers=workers, progress=progress)
+                              batch_size=feature_batch_size, workers=workers, progress=progress, executor=executor,
+                              load=backbone_loader(options.backbone, weights, options.context))
     tables = build_tables(dataset, features, {"train": split.train, "val": split.val, "test": split.test})
     feature_seconds = time.perf_counter() - started
     if len(tables.parts["train"]) < 2:

@@ -80,3 +80,24 @@ def test_bad_arguments_are_clear_errors(tiny_data, tmp_path, capsys, extra, mess
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys) -> None:
     assert train.main(_args(tmp_path / "absent", tmp_path / "run")) == 2
     assert "cannot open dataset" in capsys.readouterr().err
+
+
+def test_engine_and_ray_address_reach_the_feature_extraction(tiny_data, tmp_path, monkeypatch, capsys) -> None:
+    from types import SimpleNamespace
+
+    from training.exec.executor import LocalExecutor
+    from training.exec.ray_executor import RayExecutor
+
+    given = []
+
+    def fake_fit_head(data, out, options, **kwargs):
+        given.append(kwargs["executor"])
+        return SimpleNamespace(up_to_date=True, path=out / "head.pt", metrics={})
+
+    monkeypatch.setattr(train, "fit_head", fake_fit_head)
+    assert train.main(_args(tiny_data, tmp_path / "run", "--engine", "ray", "--ray-address", "10.1.2.3:6379")) == 0
+    assert train.main(_args(tiny_data, tmp_path / "run")) == 0
+    ray_executor, local_executor = given
+    assert isinstance(ray_executor, RayExecutor) and ray_executor.address == "10.1.2.3:6379"
+    assert isinstance(local_executor, LocalExecutor) and local_executor.workers == 0  # --workers 0
+    assert "up to date" in capsys.readouterr().out

@@ -111,3 +111,6 @@ def test_config_is_validated_and_round_trips() -> None:
     assert DetectorConfig.from_dict(CONFIG.to_dict()) == CONFIG
     with pytest.raises(DataError):
         DetectorConfig(fpn_channels=40)
+    with pytest.raises(DataError, match="multiple of 32"):  # GroupNorm(32, 48) would fail inside torchvision
+        DetectorConfig(fpn_channels=48)
+    DetectorNet(pyramid_spec("tiny"), 2, DetectorConfig(image_size=64, fpn_channels=64, head_convs=1))
