@@ -139,18 +139,25 @@ def _link_category(staging: Path, source: Path, entry: CategoryEntry) -> Categor
     return entry
 
 
-def stage_export(staging: Path, source: Path, checked: dict[str, float], min_cosine: float,
-                 expected: dict[str, str] | None = None) -> ExportRecord:
-    """Link an export folder (`training.model.export.export_embedder`'s output) into `staging/EXPORT_DIR`
-    and record its files' sha256s; with `expected` (a parent version's record) every file must match it."""
-    names = ExportManifest.read(source).files() + [EXPORT_MANIFEST_FILE]
-    target = staging / EXPORT_DIR
+def _stage_files(source: Path, target: Path, names: list[str], expected: dict[str, str] | None,
+                 what: str) -> dict[str, str]:
+    """Link `names` from `source` into the new folder `target`; their sha256s, which must equal `expected`
+    (a parent version's record) when given."""
     target.mkdir()
     for name in names:
         _link(source / name, target / name)
     files = {name: file_sha256(target / name) for name in sorted(names)}
     if expected is not None and files != expected:
-        raise CorruptArtifact(f"the exported model in {source} differs from the sha256s its manifest recorded")
+        raise CorruptArtifact(f"{what} in {source} differs from the sha256s its manifest recorded")
+    return files
+
+
+def stage_export(staging: Path, source: Path, checked: dict[str, float], min_cosine: float,
+                 expected: dict[str, str] | None = None) -> ExportRecord:
+    """Link an export folder (`training.model.export.export_embedder`'s output) into `staging/EXPORT_DIR`
+    and record its files' sha256s; with `expected` (a parent version's record) every file must match it."""
+    names = ExportManifest.read(source).files() + [EXPORT_MANIFEST_FILE]
+    files = _stage_files(source, staging / EXPORT_DIR, names, expected, "the exported model")
     return ExportRecord(EXPORT_DIR, files, dict(checked), min_cosine)
 
 
@@ -161,13 +168,7 @@ def stage_detector(staging: Path, source: Path, max_abs_diff: float | None = Non
     export = DetectorExport.read(source)
     export.verify(source)
     names = [DETECTOR_CHECKPOINT_FILE, export.graph_file, DETECTOR_MANIFEST_FILE]
-    target = staging / DETECTOR_DIR
-    target.mkdir()
-    for name in names:
-        _link(source / name, target / name)
-    files = {name: file_sha256(target / name) for name in sorted(names)}
-    if expected is not None and files != expected:
-        raise CorruptArtifact(f"the detector in {source} differs from the sha256s its manifest recorded")
+    files = _stage_files(source, staging / DETECTOR_DIR, names, expected, "the detector")
     if files[DETECTOR_CHECKPOINT_FILE] != export.checkpoint_sha256:
         raise CorruptArtifact(f"{source}: {DETECTOR_MANIFEST_FILE} was exported from another checkpoint")
     return DetectorRecord(DETECTOR_DIR, files, list(export.categories), export.image_size,
