@@ -260,16 +260,18 @@ def main(argv: list[str] | None = None) -> int:
         print("nothing to measure", file=sys.stderr)
         return 1
     timing = time_runs(args, runs, pictures)
-    print_tables(runs, timing)
     payload = {"data": str(args.data), "device": args.device, "threads": args.threads,
                "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
                "torch": torch.__version__, "targets": {"map_50": TARGET_MAP_50, "e2e_ratio": TARGET_E2E_RATIO},
                "precisions": _precisions(), "seconds": time.perf_counter() - started,
                "note": "a shared 2-core machine: compare the ratios within one run, not absolute times",
                "runs": runs, "timing": timing}
+    # Written before anything else: a process holding torch's and OpenVINO's thread pools has crashed at exit
+    # (SIGSEGV, see DEVELOPERS.md), and an hour of training should not be lost to it.
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {args.results}")
+    print_tables(runs, timing)
+    print(f"wrote {args.results}", flush=True)
     passed = all(run["test"]["map_50"] >= TARGET_MAP_50 and run.get("end_to_end", {}).get("ratio", 1.0)
                  >= TARGET_E2E_RATIO for run in runs)
     return 0 if passed else 1
