@@ -3,8 +3,8 @@
 Past capacity an unbounded queue makes every request wait behind every other: clients give up, and the
 server keeps embedding requests nobody waits for (measured before this module: after a 30 s storm at
 twice capacity the service needed 37 s before it answered anyone). So a scene is admitted only while its
-expected wait, the batcher's queue depth times its recently measured time per crop, fits
-STL_QUEUE_BUDGET_MS (its own batch included); otherwise it gets 503 with Retry-After at once, before its body is read. The depth
+expected wait, the batcher's queue depth (and its own batch) times its recently measured time per crop,
+fits STL_QUEUE_BUDGET_MS; otherwise it gets 503 with Retry-After at once, before its body is read. The depth
 counts every scene admitted and not yet answered, not only the jobs already queued: in a storm hundreds of
 admitted requests can sit between the door and the queue (reading their bodies, decoding) where the batcher
 does not see them, and each of them would have passed the check (measured: with the queue alone, admitted

@@ -8,11 +8,14 @@ its stages raised; a failing `encode_pre` or `encode_post` fails only its own jo
 `encode_core` every job of that pass.
 
 Where `encode_pre` and `encode_post` run is the deployment's choice, made once when the batcher is
-built. Without a pool (on a CPU) the worker runs all three in one go: the forward pass already uses
-every core, so decoding beside it in other threads only preempts its OpenMP threads, and each handoff
-between threads costs latency (measured on 2 cores: p50 at concurrency 1 went from 1.42x to 1.27x the
-bare embedder, and concurrency 32 from ~83 to ~90 req/s). With a pool (on a GPU) they run in the pool,
-so decoding overlaps the GPU's forward pass.
+built. Without a pool the worker runs all three in one go: each handoff between threads costs latency
+(measured on 2 cores with torch: p50 at concurrency 1 went from 1.42x to 1.27x the bare embedder). With a
+pool (on a GPU) they run in the pool, so decoding overlaps the GPU's forward pass. With a pool and
+`inline_when_idle` (OpenVINO or ONNX Runtime on a CPU) a request that finds the batcher idle is run by the
+worker in one go, the quickest answer to a lone request, and under load the pool decodes and searches
+while the worker's forward pass runs: on 2 cores the one-threaded decode then no longer leaves a core idle
+between passes (measured, OpenVINO, concurrency 32: 144-145 req/s against 133-135 with every stage on the
+worker; at concurrency 1, 7.9-8.3 ms against 8.7-9.3 with every request through the pool).
 
 `run_stack(model, crops)` embeds the several crops of one request (the items of one photo, /shop) in one
 forward pass and returns their vectors; it has no pre or post step.
@@ -114,11 +117,13 @@ class Batcher:
         threads: int = 1,
         pool: Executor | None = None,
         set_threads: Callable[[int], None] | None = None,
+        inline_when_idle: bool = False,
     ) -> None:
         """`workers` > 1 adds single-threaded helpers for concurrent load (CPU only); `threads` is the
         primary's intra-op thread count when it runs alone, and `set_threads(n)` sets the calling thread's
         (torch's `set_num_threads`; None: the runtime keeps its own threads); `pool`
-        runs `run`'s pre and post steps (None: the worker runs them, just before and after the pass);
+        runs `run`'s pre and post steps (None: the worker runs them, just before and after the pass), but
+        with `inline_when_idle` only while other jobs are outstanding (an idle batcher's worker runs them);
         `on_drop("expired" | "cancelled")` is told of each job dropped before its pass."""
         if max_size < 1:
             raise ValueError(f"max_size must be at least 1, got {max_size}")
@@ -129,6 +134,7 @@ class Batcher:
         self._on_batch = on_batch
         self._on_drop = on_drop
         self.pool = pool
+        self.inline_when_idle = inline_when_idle and pool is not None
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()
@@ -171,7 +177,7 @@ class Batcher:
     async def run(self, model: Stages, item: Any, deadline: float | None = None) -> Any:
         """`item`'s answer through the three stages, the pre and post steps wherever this batcher runs them."""
         # wrap_future: the event loop waits without blocking; cancelling the request cancels the job.
-        if self.pool is None:
+        if self.pool is None or (self.inline_when_idle and self._outstanding == 0):
             return await asyncio.wrap_future(self.submit(model, item, deadline))
         loop = asyncio.get_running_loop()
         crop = await loop.run_in_executor(self.pool, model.encode_pre, item)

@@ -11,8 +11,9 @@ here (400 for the client's mistakes); the search and the catalogue lookup run in
 same thread as the search (service/versions.py).
 
 Where the per-request CPU work runs is deployment policy, decided once in `Engine.start` from the
-settings and the device: on a CPU the batcher's own thread decodes, crops, embeds and searches in one
-go; on a GPU a pool decodes and searches while the GPU runs forward passes (service/batching.py). The
+settings, the device and the runtime (`preprocess_mode`): on a GPU a pool decodes and searches while the
+GPU runs forward passes; on a CPU the batcher's own thread decodes, crops, embeds and searches in one go
+(with OpenVINO or ONNX Runtime only while it is idle: under load the pool does, beside the forward pass). The
 number of forward-pass workers follows the runtime (service/encoder.py): with torch on a CPU one per
 intra-op thread, single-threaded under load; with OpenVINO or ONNX Runtime one, on every core.
 """
@@ -24,7 +25,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import NamedTuple, TypeVar
+from typing import Literal, NamedTuple, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -149,12 +150,19 @@ def batch_workers(settings: Settings) -> int:
     return process.torch_threads()
 
 
-def preprocess_inline(settings: Settings) -> bool:
-    """STL_PREPROCESS_INLINE, or by default yes on a CPU (the batcher's thread decodes, crops and searches)
-    and no on a GPU (a pool does, overlapping the GPU's forward passes)."""
+PreprocessMode = Literal["inline", "pool", "adaptive"]
+
+
+def preprocess_mode(settings: Settings) -> PreprocessMode:
+    """Where a request's decode, crop and search run (service/batching.py): STL_PREPROCESS_INLINE true
+    (the batcher's thread) or false (the CPU pool); unset, in the pool on a GPU (overlapping its forward
+    passes), with torch on a CPU on the batcher's thread (its helpers already keep every core busy), and with
+    OpenVINO or ONNX Runtime on a CPU on the batcher's thread while it is idle and in the pool under load."""
     if settings.preprocess_inline is not None:
-        return settings.preprocess_inline
-    return planned_device(settings) == "cpu"
+        return "inline" if settings.preprocess_inline else "pool"
+    if planned_device(settings) == "cuda":
+        return "pool"
+    return "inline" if planned_runtime(settings) == "torch" else "adaptive"
 
 
 class Engine:
@@ -178,6 +186,7 @@ class Engine:
         if with_torch:  # otherwise torch is not imported (unless a version without an export needs it)
             process.set_torch_threads(settings.torch_threads)  # before the batcher reads torch's thread count
         workers = batch_workers(settings)
+        mode = preprocess_mode(settings)
         torch_helpers = with_torch and workers > 1
         cpu_pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="stl-cpu")
         batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_ms / 1000.0,
@@ -185,7 +194,7 @@ class Engine:
                           on_drop=lambda reason: metrics.dropped.labels(reason=reason).inc(),
                           workers=workers, threads=process.torch_threads() if torch_helpers else 1,
                           set_threads=process.set_thread_torch_threads if torch_helpers else None,
-                          pool=None if preprocess_inline(settings) else cpu_pool)
+                          pool=None if mode == "inline" else cpu_pool, inline_when_idle=mode == "adaptive")
         if admission is not None:
             admission.attach(batcher)
         return cls(settings, metrics, VersionHolder(settings, metrics), batcher, cpu_pool)

@@ -277,6 +277,7 @@ async def readyz(request: Request, engine: EngineDep, response: Response) -> Rea
         indexed_categories=len(loaded.indexes), model_loaded=loaded.model_loaded, problem=loaded.problem,
         runtime=runtime, torch_loaded=torch_loaded,
         detector=loaded.detector.name if loaded.detector is not None else None,
+        detector_precision=loaded.detector.precision if loaded.detector is not None else None,
         detector_problem=loaded.detector_problem, follow=follow,
     )
 

@@ -152,6 +152,7 @@ class ReadyResponse(BaseModel):
     torch_loaded: bool = False
     # The item detector's runtime ("openvino", "onnxruntime"); None: /detect and /shop answer 503 (see problem).
     detector: str | None = None
+    detector_precision: str | None = None  # "f32" or "bf16" (STL_DETECT_PRECISION)
     detector_problem: str | None = None
     # STL_RELOAD_POLL_S: this replica follows `current` by itself; None when it does not.
     follow: FollowInfo | None = None

@@ -54,7 +54,9 @@ class Settings(BaseSettings):
     )
     preprocess_threads: int = Field(0, ge=0, le=64, description="decode/crop/search threads; 0 = CPU count")
     preprocess_inline: bool | None = Field(
-        None, description="decode and crop on the batcher's thread; unset: yes on a CPU, no on a GPU"
+        None, description="decode and crop on the batcher's thread (true) or in the pool (false); unset: the pool "
+                          "on a GPU, the batcher's thread with torch on a CPU, else the thread while idle and "
+                          "the pool under load"
     )
     max_upload_mb: float = Field(10.0, gt=0, le=1024)
     max_image_pixels: int = Field(40_000_000, ge=64 * 64)
@@ -69,6 +71,8 @@ class Settings(BaseSettings):
     detect_nms_threshold: float = Field(
         0.6, gt=0.0, le=1.0, description="boxes of one category overlapping more than this (IoU) are one item")
     detect_max_items: int = Field(10, ge=1, le=100, description="most items /detect and /shop report per photo")
+    detect_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the item detector's precision in OpenVINO; auto: bf16 where the CPU runs it natively")
     admin_token: SecretStr | None = None
     queue_budget_ms: float = Field(
         500.0, gt=0, le=600_000, description="admit a scene only if its expected queue wait fits this"

@@ -367,12 +367,13 @@ def _load_detector(settings: Settings, artifact: Artifact) -> tuple[DetectorGrap
                       "`python -m index build --detector PATH` (or `python -m index pipeline`)")
     runtime = settings.runtime if settings.runtime in ("openvino", "onnxruntime") else "auto"
     try:
-        detector = DetectorGraph(folder, runtime, runtime_threads(settings))
+        precision = "f32" if settings.detect_precision == "fp32" else settings.detect_precision
+        detector = DetectorGraph(folder, runtime, runtime_threads(settings), precision=precision)
         detector.warm_up()
     except Exception as exc:  # a broken detector costs /detect and /shop, not the search
         LOG.error("the item detector of version %s is unusable: %s", artifact.version, _describe(exc))
         return None, f"the item detector is unavailable ({_describe(exc)})"
-    LOG.info("item detector: %s, %d categories, %d px", detector.name, len(detector.categories),
+    LOG.info("item detector: %s, %d categories, %d px", detector.description, len(detector.categories),
              detector.image_size)
     return detector, None
 

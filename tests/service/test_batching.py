@@ -283,6 +283,48 @@ def test_with_a_pool_the_pre_and_post_steps_run_there_and_the_pass_on_the_worker
     assert set(ran_in["core"]) == {"stl-batcher"}
 
 
+def test_inline_when_idle_runs_a_lone_request_on_the_worker_and_a_backlogged_one_in_the_pool() -> None:
+    # OpenVINO on a CPU: a lone request is answered in one go by the worker; under load decoding moves to the
+    # pool, beside the forward pass.
+    ran_in: dict[float, list[str]] = {}
+
+    class Recording(FakeEmbedder):
+        def encode_pre(self, item):
+            ran_in.setdefault(float(item[0, 0, 0]), []).append(threading.current_thread().name)
+            return super().encode_pre(item)
+
+        def encode_post(self, item, vector):
+            ran_in[float(item[0, 0, 0])].append(threading.current_thread().name)
+            return float(vector[0])
+
+    async def main(batcher: Batcher, model: Recording) -> list[float]:
+        lone = await batcher.run(model, crop(1.0))  # nothing outstanding: the worker runs every stage
+        model.release.clear()
+        model.started.clear()
+        blocker = asyncio.create_task(batcher.run(model, crop(2.0)))
+        while not model.started.is_set():  # the worker is inside crop 2's pass: the batcher is busy
+            await asyncio.sleep(0.01)
+        behind = asyncio.create_task(batcher.run(model, crop(3.0)))
+        await asyncio.sleep(0.05)
+        model.release.set()
+        return [lone, await blocker, await behind]
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="test-pool")
+    batcher = Batcher(max_size=8, max_wait_s=0.0, pool=pool, inline_when_idle=True)
+    try:
+        assert asyncio.run(main(batcher, Recording())) == [1.0, 2.0, 3.0]
+    finally:
+        batcher.close()
+        pool.shutdown()
+    assert ran_in[1.0] == ran_in[2.0] == ["stl-batcher", "stl-batcher"]
+    assert [name.split("_")[0] for name in ran_in[3.0]] == ["test-pool", "test-pool"]
+    alone = Batcher(pool=None, inline_when_idle=True)
+    try:
+        assert not alone.inline_when_idle  # without a pool every stage runs on the worker anyway
+    finally:
+        alone.close()
+
+
 def test_without_a_pool_run_keeps_every_stage_on_the_worker() -> None:
     ran_in: list[str] = []
 

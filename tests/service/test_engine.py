@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import service.routes
-from service.engine import Engine, NotServing, RankedItem, preprocess_inline
+from service.engine import Engine, NotServing, RankedItem, preprocess_mode
 from service.images import BadInput, parse_bbox
 from service.metrics import Metrics
 from tests.service.helpers import SHOES, make_settings, post, scene_jpeg
@@ -76,15 +76,17 @@ def test_an_engine_with_nothing_loaded_is_not_serving(tmp_path: Path) -> None:
         engine.close()
 
 
-@pytest.mark.parametrize(("inline", "pooled"), [(None, False), (True, False), (False, True)])
+@pytest.mark.parametrize(("inline", "runtime", "mode"), [
+    (None, "openvino", "adaptive"), (None, "torch", "inline"), (True, "openvino", "inline"),
+    (False, "openvino", "pool"), (False, "torch", "pool")])
 def test_where_crops_are_made_is_decided_once_when_the_engine_starts(tmp_path: Path, inline: bool | None,
-                                                                      pooled: bool) -> None:
-    settings = make_settings(tmp_path, preprocess_inline=inline)  # device cpu: inline unless told otherwise
-    assert preprocess_inline(settings) is not pooled
+                                                                      runtime: str, mode: str) -> None:
+    settings = make_settings(tmp_path, preprocess_inline=inline, runtime=runtime)  # device cpu
+    assert preprocess_mode(settings) == mode
     engine = Engine.start(settings, Metrics())
     try:
-        assert (engine.batcher.pool is engine.cpu_pool) is pooled
-        assert (engine.batcher.pool is None) is not pooled
+        assert (engine.batcher.pool is engine.cpu_pool) is (mode != "inline")
+        assert engine.batcher.inline_when_idle is (mode == "adaptive")
     finally:
         engine.close()
 

@@ -24,6 +24,7 @@ from tests.index.detection import BAGS, SHOES, build_box_shop, scene_bytes, trut
 from tests.service.helpers import make_settings, post, scene_jpeg
 from training.model.detect_post import box_iou
 from training.model.runtimes import installed
+from training.model.runtimes.openvino_runtime import cpu_supports_bf16
 
 ROOT = Path(__file__).resolve().parents[2]
 # The tiny detector scores its finds 0.4-0.6 and leaves near-duplicate boxes at the default NMS threshold:
@@ -155,6 +156,18 @@ def test_detect_and_shop_need_an_api_key(box_shop: dict[str, Path]) -> None:
             assert app.post(path, files=_image(box_shop["data"])).status_code == 401
             allowed = app.post(path, files=_image(box_shop["data"]), headers={"X-API-Key": "sekret"})
             assert allowed.status_code == 200
+
+
+@pytest.mark.skipif(not installed("openvino"), reason="openvino is not installed")
+def test_the_detector_runs_in_the_precision_asked_for(box_shop: dict[str, Path]) -> None:
+    expected = "bf16" if cpu_supports_bf16() else "f32"  # auto: bf16 only where the CPU runs it natively
+    for asked, precision in (("auto", expected), ("fp32", "f32")):
+        settings = make_settings(box_shop["root"], detect_precision=asked, runtime="openvino", **DETECT)
+        with TestClient(create_app(settings)) as app:
+            ready = app.get("/readyz").json()
+            found = app.post("/detect", files=_image(box_shop["data"], "s003")).json()["items"]
+        assert ready["detector"] == "openvino" and ready["detector_precision"] == precision, asked
+        assert {item["category"] for item in found} == {SHOES, BAGS}, asked
 
 
 def test_a_bad_photo_is_refused(shop_app: TestClient) -> None:
