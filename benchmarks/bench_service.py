@@ -291,6 +291,14 @@ def request_bodies(url: str, images: list[bytes], count: int = 40) -> list[tuple
     return bodies
 
 
+def answer_problem(status: int, body: bytes) -> str | None:
+    """Why a /recommend answer does not count as served (None: 200 with the 10 embedding items asked for)."""
+    answer = json.loads(body) if status == 200 else {}
+    if status != 200 or answer.get("source") != "embedding" or len(answer["items"]) != 10:
+        return f"{status}: {body[:200].decode(errors='replace')}"
+    return None
+
+
 async def load(url: str, bodies: list[tuple[str, bytes]], concurrency: int, requests: int, seconds: float,
                refused_backoff_s: float | None = None) -> dict:
     """`concurrency` clients sending back-to-back requests until `requests` are done or `seconds` pass.
@@ -324,9 +332,9 @@ async def load(url: str, bodies: list[tuple[str, bytes]], concurrency: int, requ
                     refused += 1
                     await asyncio.sleep(refused_backoff_s)
                     continue
-                answer = response.json() if response.status_code == 200 else {}
-                if response.status_code != 200 or answer.get("source") != "embedding" or len(answer["items"]) != 10:
-                    errors.append(f"{response.status_code}: {response.text[:200]}")
+                problem = answer_problem(response.status_code, response.content)
+                if problem is not None:
+                    errors.append(problem)
                     continue
                 latencies.append(elapsed)
 
@@ -357,9 +365,9 @@ def sequential(url: str, bodies: list[tuple[str, bytes]], requests: int, seconds
             response = connection.getresponse()
             data = response.read()
             elapsed = time.perf_counter() - sent
-            answer = json.loads(data) if response.status == 200 else {}
-            if response.status != 200 or answer.get("source") != "embedding" or len(answer["items"]) != 10:
-                errors.append(f"{response.status}: {data[:200]!r}")
+            problem = answer_problem(response.status, data)
+            if problem is not None:
+                errors.append(problem)
                 continue
             latencies.append(elapsed)
     finally:

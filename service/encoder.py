@@ -25,14 +25,19 @@ from service.settings import Settings
 from training.data.stl import BBox
 from training.model.arrays import Preprocess, load_image_for, to_array
 from training.model.runtimes import Runtime, RuntimeUnavailable, installed, load_runtime
-from training.model.runtimes.base import Precision
+from training.model.runtimes.base import check_precision
 from training.model.runtimes.openvino_runtime import cpu_supports_bf16
 
 LOG = logging.getLogger(__name__)
 
 Device = Literal["cpu", "cuda"]
-_PRECISION: dict[str, Precision] = {"fp32": "f32", "bf16": "bf16"}  # STL_PRECISION -> the runtimes' names
 _NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
+
+
+def runtime_precision(setting: str) -> str:
+    """A precision as the settings spell it (STL_PRECISION, STL_DETECT_PRECISION: `fp32`, `bf16`, `auto`) in
+    the runtimes' names (`f32`, `bf16`, `auto`)."""
+    return "f32" if setting == "fp32" else setting
 
 
 def gpu_present() -> bool:
@@ -109,7 +114,7 @@ def load_encoder(settings: Settings, artifact: Artifact) -> SceneEncoder:
     RuntimeUnavailable (the runtime, its package or the precision is not here) and the artifact's mismatch
     errors propagate: the caller degrades the version to popularity.
     """
-    precision = _PRECISION[settings.precision]
+    precision = check_precision(runtime_precision(settings.precision))
     name = planned_runtime(settings)
     export_dir = artifact.export_dir
     reason = None

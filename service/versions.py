@@ -35,7 +35,7 @@ from index.ann import is_compressed
 from index.artifact import Artifact, ArtifactError, CategoryIndex, current_version, open_artifact
 from index.catalogue import Catalogue, CatalogueError, Facets, ProductRecord
 from index.filters import Filter, FilterError, parse_filter
-from service.encoder import SceneEncoder, load_encoder, runtime_threads
+from service.encoder import SceneEncoder, load_encoder, runtime_precision, runtime_threads
 from service.images import BadInput, decode_image
 from service.metrics import Metrics
 from service.process import FaissThreads
@@ -367,8 +367,8 @@ def _load_detector(settings: Settings, artifact: Artifact) -> tuple[DetectorGrap
                       "`python -m index build --detector PATH` (or `python -m index pipeline`)")
     runtime = settings.runtime if settings.runtime in ("openvino", "onnxruntime") else "auto"
     try:
-        precision = "f32" if settings.detect_precision == "fp32" else settings.detect_precision
-        detector = DetectorGraph(folder, runtime, runtime_threads(settings), precision=precision)
+        detector = DetectorGraph(folder, runtime, runtime_threads(settings),
+                                 precision=runtime_precision(settings.detect_precision))
         detector.warm_up()
     except Exception as exc:  # a broken detector costs /detect and /shop, not the search
         LOG.error("the item detector of version %s is unusable: %s", artifact.version, _describe(exc))

@@ -16,6 +16,7 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image, ImageDraw
 
+from training.cli import synth
 from training.data.split import split_by_scene
 from training.data.stl import Pair, STLDataset, product_path, scene_path, write_pairs
 from training.model.backbones import load_backbone
@@ -166,6 +167,14 @@ def write_product_data(root: Path) -> dict[str, dict[str, object]]:
 
 
 BOX_CATEGORIES = {"red": ("Apparel|Shoes", (220, 30, 30)), "blue": ("Apparel|Bags", (30, 40, 220))}
+
+
+def write_synth_catalogue(root: Path, scenes: int, products: int, seed: int) -> Path:
+    """The project's synthetic catalogue at `root`, through its CLI (one worker, no progress bars)."""
+    code = synth.main(["--out", str(root), "--scenes", str(scenes), "--products", str(products), "--seed",
+                       str(seed), "--workers", "1", "--no-progress"])
+    assert code == 0, f"synth exited {code}"
+    return root
 
 
 def write_box_dataset(root: Path, scenes: int = 12, size: int = 64, seed: int = 0) -> Path:

@@ -4,16 +4,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.cli import synth, train
+from tests.fixtures import write_synth_catalogue
+from training.cli import train
 from training.model.checkpoint import load_checkpoint, load_embedder
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("stl") / "tiny"
-    assert synth.main(["--out", str(root), "--scenes", "60", "--products", "40", "--seed", "1", "--workers", "1",
-                       "--no-progress"]) == 0
-    return root
+    return write_synth_catalogue(tmp_path_factory.mktemp("stl") / "tiny", scenes=60, products=40, seed=1)
 
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.cli import synth, train
+from tests.fixtures import write_synth_catalogue
+from training.cli import train
 from training.data.stl import STLDataset
 from training.fit.features import cache_features
 from training.model.backbones import load_backbone
@@ -22,10 +23,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("stl") / "tiny"
-    assert synth.main(["--out", str(root), "--scenes", "40", "--products", "24", "--seed", "3", "--workers", "1",
-                       "--no-progress"]) == 0
-    return root
+    return write_synth_catalogue(tmp_path_factory.mktemp("stl") / "tiny", scenes=40, products=24, seed=3)
 
 
 def test_train_with_the_ray_engine_caches_the_local_features(tiny_data, tmp_path, capsys) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from training.cli import synth
+from tests.fixtures import write_synth_catalogue
 from training.data.stl import STLDataset
 from training.exec.executor import EmbedChunk, EmbedJob, ImageItem, LocalExecutor
 from training.fit.features import scene_key
@@ -32,10 +32,7 @@ class _Recording(LocalExecutor):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("stl") / "tiny"
-    assert synth.main(["--out", str(root), "--scenes", "40", "--products", "24", "--seed", "2", "--workers", "1",
-                       "--no-progress"]) == 0
-    return root
+    return write_synth_catalogue(tmp_path_factory.mktemp("stl") / "tiny", scenes=40, products=24, seed=2)
 
 
 def test_fit_head_extracts_on_the_given_executor(tiny_data, tmp_path):
