@@ -34,9 +34,11 @@ Measured on 2 cores, efficientnet_lite0 in batches of 4: two single-threaded wor
 crops/s, one two-threaded 98-100. Helpers never create OpenMP teams of their own, so the process
 still has one team (see service/process.py). The batcher sets those thread counts through `set_threads`
 (torch's, given by the engine). OpenVINO is the other way round: its own thread pool runs one pass over
-all cores without OpenMP barriers, so one worker with every thread beats two single-threaded ones
-(measured on 2 cores, batches of 4: 322-325 vs 152-170 crops/s), and the engine gives it one worker. On a
-GPU there is one worker: the GPU is the bottleneck.
+all cores without OpenMP barriers, and the engine gives it one worker with every thread. (Two single-threaded
+workers on one compile ran 152-170 crops/s against 322-325, batches of 4 on 2 cores: one stream runs its
+requests one at a time. Compiled into 2 streams, two workers side by side were tried in the service and
+gave no more at concurrency 32, 158 vs 164 req/s, for 150 MiB more RSS.) On a GPU there is one worker: the
+GPU is the bottleneck.
 
 Admission control (service/admission.py) reads the batcher's load: `outstanding` jobs (queued or in a
 pass) times `seconds_per_crop`, a moving average of how long a crop takes through the workers. While a

@@ -102,9 +102,8 @@ class SceneEncoder:
 
 
 def runtime_threads(settings: Settings) -> int:
-    """STL_RUNTIME_THREADS, or every core: OpenVINO's own pool runs one pass faster on all cores than two
-    single-threaded passes side by side (measured on 2 cores, efficientnet_lite0 in batches of 4: 322-325
-    crops/s for one two-threaded pass, 152-170 for two one-threaded ones)."""
+    """STL_RUNTIME_THREADS, or every core: one OpenVINO pass over all of them (two one-threaded passes side
+    by side need streams, and those gave the service nothing more: see service/batching.py)."""
     return settings.runtime_threads or os.cpu_count() or 1
 
 

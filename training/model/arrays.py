@@ -123,8 +123,10 @@ def load_image_for(source: str | Path | bytes, bbox: BBox | None, preprocess: Pr
     return _finish(image)
 
 
-def to_array(image: Image.Image, bbox: BBox | None, preprocess: Preprocess) -> np.ndarray:
-    """Crop (with context) -> square resize -> normalised float32 array [3, S, S], C-contiguous."""
+def to_array(image: Image.Image, bbox: BBox | None, preprocess: Preprocess,
+             out: np.ndarray | None = None) -> np.ndarray:
+    """Crop (with context) -> square resize -> normalised float32 array [3, S, S], C-contiguous; written into
+    `out` (a float32 [3, S, S], e.g. a row of a batch) when given, and returned."""
     box = bbox_to_pixels(image.width, image.height, bbox, preprocess.context if bbox is not None else 0.0)
     size = preprocess.image_size
     crop = image.crop(box).resize((size, size), Image.Resampling.BILINEAR)
@@ -134,12 +136,16 @@ def to_array(image: Image.Image, bbox: BBox | None, preprocess: Preprocess) -> n
     std = np.asarray(preprocess.std, dtype=np.float32)
     scale = 1.0 / (255.0 * std)
     shift = -np.asarray(preprocess.mean, dtype=np.float32) / std
-    array = np.empty((3, size, size), dtype=np.float32)
+    if out is not None and (out.shape != (3, size, size) or out.dtype != np.float32):
+        raise ValueError(f"out must be float32 [3, {size}, {size}], got {out.dtype} {list(out.shape)}")
+    array = np.empty((3, size, size), dtype=np.float32) if out is None else out
     np.multiply(np.asarray(crop).transpose(2, 0, 1), scale[:, None, None], out=array, dtype=np.float32)
     array += shift[:, None, None]
     return array
 
 
-def load_array(source: str | Path | bytes, bbox: BBox | None, preprocess: Preprocess) -> np.ndarray:
-    """Decode + crop + resize + normalise a file into the array every runtime takes (picklable, no model)."""
-    return to_array(load_image_for(source, bbox, preprocess), bbox, preprocess)
+def load_array(source: str | Path | bytes, bbox: BBox | None, preprocess: Preprocess,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """Decode + crop + resize + normalise a file into the array every runtime takes (picklable, no model);
+    into `out` when given (`to_array`)."""
+    return to_array(load_image_for(source, bbox, preprocess), bbox, preprocess, out)

@@ -76,3 +76,17 @@ def test_crop_too_small_is_a_data_error():
 def test_arrays_imports_no_torch():
     code = "import sys, training.model.arrays; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_to_array_writes_into_a_row_of_a_batch_and_refuses_a_wrong_one():
+    preprocess = Preprocess(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), context=0.1)
+    image = _image(90, 70, seed=4)
+    batch = np.full((2, 3, 32, 32), np.nan, dtype=np.float32)
+    written = to_array(image, BOXES[1], preprocess, out=batch[1])
+    assert np.shares_memory(written, batch)
+    assert np.array_equal(batch[1], to_array(image, BOXES[1], preprocess))
+    assert np.isnan(batch[0]).all()  # the other row is untouched
+    with pytest.raises(ValueError, match="out must be float32"):
+        to_array(image, None, preprocess, out=np.empty((3, 31, 32), dtype=np.float32))
+    with pytest.raises(ValueError, match="out must be float32"):
+        to_array(image, None, preprocess, out=np.empty((3, 32, 32), dtype=np.float64))
