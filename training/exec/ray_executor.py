@@ -26,7 +26,15 @@ import numpy as np
 
 from training.data.stl import is_uri
 from training.errors import Unavailable
-from training.exec.executor import EmbedChunk, EmbedJob, ImageItem, compute, decode_item
+from training.exec.executor import (
+    EmbedChunk,
+    EmbedJob,
+    ImageItem,
+    compute,
+    decode_item,
+    decoded_rows,
+    empty_batch,
+)
 from training.model.batch_runtime import batch_runtime
 
 LOG = logging.getLogger(__name__)
@@ -70,11 +78,11 @@ class _EmbedActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [ImageItem(str(location), None if np.isnan(box[0]) else tuple(float(v) for v in box))
                  for location, box in zip(batch["location"], batch["bbox"], strict=True)]
-        decoded = list(self.decoders.map(self.decode, items))
-        good = [row for row, (array, _, _) in enumerate(decoded) if array is not None]
+        rows = empty_batch(len(items), self.embedder.preprocess)
+        decoded = list(self.decoders.map(lambda row: self.decode(items[row], out=rows[row]), range(len(items))))
+        good, stacked = decoded_rows(rows, decoded)
         values = None
-        if good:
-            stacked = np.stack([decoded[row][0] for row in good])
+        if stacked is not None:
             computed = self.model.submit(compute, self.runtime, stacked, self.job.output).result()
             values = np.zeros((len(items), computed.shape[1]), dtype=np.float32)
             values[good] = computed

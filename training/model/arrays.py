@@ -127,8 +127,10 @@ def to_array(image: Image.Image, bbox: BBox | None, preprocess: Preprocess,
              out: np.ndarray | None = None) -> np.ndarray:
     """Crop (with context) -> square resize -> normalised float32 array [3, S, S], C-contiguous; written into
     `out` (a float32 [3, S, S], e.g. a row of a batch) when given, and returned."""
-    box = bbox_to_pixels(image.width, image.height, bbox, preprocess.context if bbox is not None else 0.0)
     size = preprocess.image_size
+    if out is not None and (out.shape != (3, size, size) or out.dtype != np.float32):
+        raise ValueError(f"out must be float32 [3, {size}, {size}], got {out.dtype} {list(out.shape)}")
+    box = bbox_to_pixels(image.width, image.height, bbox, preprocess.context if bbox is not None else 0.0)
     crop = image.crop(box).resize((size, size), Image.Resampling.BILINEAR)
     # One fused affine per channel: (x / 255 - mean) / std == x * a + b. The HWC -> CHW transpose is read
     # from the uint8 pixels by the multiply itself, which writes the planar float32 result once: two passes
@@ -136,8 +138,6 @@ def to_array(image: Image.Image, bbox: BBox | None, preprocess: Preprocess,
     std = np.asarray(preprocess.std, dtype=np.float32)
     scale = 1.0 / (255.0 * std)
     shift = -np.asarray(preprocess.mean, dtype=np.float32) / std
-    if out is not None and (out.shape != (3, size, size) or out.dtype != np.float32):
-        raise ValueError(f"out must be float32 [3, {size}, {size}], got {out.dtype} {list(out.shape)}")
     array = np.empty((3, size, size), dtype=np.float32) if out is None else out
     np.multiply(np.asarray(crop).transpose(2, 0, 1), scale[:, None, None], out=array, dtype=np.float32)
     array += shift[:, None, None]
