@@ -42,7 +42,9 @@ bench: install
 	$(PY) benchmarks/bench_features.py
 	$(PY) benchmarks/bench_index.py
 	$(PY) benchmarks/bench_quality.py
+	$(PY) benchmarks/bench_runtimes.py
 	$(PY) benchmarks/bench_service.py
+	$(PY) benchmarks/bench_shop.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
