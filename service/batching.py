@@ -90,7 +90,11 @@ class JobExpired(RuntimeError):
     """The job's deadline passed while it waited in the queue: it was dropped, never embedded."""
 
 
-# Weight of the newest pass in the moving average of the time per crop: about the last 10 passes count.
+# Weight of the newest pass in the moving average of the time per crop: about the last 10 passes count. Until
+# 10 passes are timed it is their plain mean (weight 1/n). Started from the first pass alone, the average
+# carried a fresh process's first pass (a lone request's cold decode, search and forward: 44 ms against ~6
+# after) for dozens of passes, and admission multiplies it by the queue: at concurrency 32 a fresh server
+# refused ~92 % of requests for ~10 s, its refusals leaving too few passes to bring the figure down.
 _SPEED_WEIGHT = 0.1
 
 
@@ -149,6 +153,7 @@ class Batcher:
         self._outstanding = 0  # jobs put and not yet finished (or dropped); changed under _lock
         self._passes = 0  # workers inside _process now
         self._seconds_per_crop: float | None = None  # None until the first pass is timed
+        self._passes_timed = 0
         self._last_done: float | None = None  # when the last pass ended, if it left work queued behind it
         self._helpers = [threading.Thread(target=self._help, name=f"{name}-{n}", daemon=True)
                          for n in range(1, workers)]
@@ -331,8 +336,10 @@ class Batcher:
                     # Busy since the last pass ended: the workers delivered `embedded` crops in that interval.
                     sample = ((ended - self._last_done) if self._last_done is not None
                               else (ended - started) / beside) / embedded
+                    self._passes_timed += 1
+                    weight = max(_SPEED_WEIGHT, 1.0 / self._passes_timed)
                     last = self._seconds_per_crop
-                    self._seconds_per_crop = sample if last is None else last + _SPEED_WEIGHT * (sample - last)
+                    self._seconds_per_crop = sample if last is None else last + weight * (sample - last)
                 self._last_done = ended if self._outstanding > 0 else None
 
     def _embed(self, batch: list[_Job]) -> int:

@@ -309,7 +309,7 @@ def load_version(settings: Settings, version: str | None = None) -> LoadedVersio
         indexes = artifact.load_indexes()
         searches = {category: CategorySearch(index, rerank=_rerank(settings, artifact, stored, category))
                     for category, index in indexes.items()}
-        encoder.warm_up()
+        encoder.warm_up(settings.batch_max_size)  # the shapes the batcher sends under load
     except Exception as exc:  # missing, corrupt or mismatched: degrade to popularity, keep serving
         LOG.error("version %s cannot serve embeddings, falling back to popularity: %s", artifact.version,
                   _describe(exc))

@@ -111,6 +111,26 @@ def test_expected_wait_is_depth_times_time_per_crop() -> None:
         batcher.close()
 
 
+def test_one_slow_pass_does_not_hold_the_time_per_crop() -> None:
+    # A fresh process's first pass is slow (cold decode, search, forward); admission multiplies the figure by
+    # the queue, so one such pass must not keep a server refusing what it can serve.
+    model = SlowModel(pass_s=0.3, blocked=False)
+    batcher = Batcher(max_size=1, max_wait_s=0.0)
+    try:
+        batcher.submit(model, 0.0).result(5)
+        wait_for_empty(batcher)
+        slow = batcher.seconds_per_crop
+        assert slow is not None and slow >= 0.3
+        model.pass_s = 0.0
+        for n in range(4):  # one at a time: each pass is timed alone
+            batcher.submit(model, float(n)).result(5)
+            wait_for_empty(batcher)
+        fast = batcher.seconds_per_crop
+        assert fast is not None and fast < slow / 3  # from the first pass alone, weight 0.1: ~0.66 x
+    finally:
+        batcher.close()
+
+
 @pytest.fixture
 def gated(built: dict[str, Path]) -> Iterator[TestClient]:
     """The real app with one batch worker (so that a blocked pass blocks the queue) and a 100 ms budget."""
