@@ -133,8 +133,11 @@ class LoadedVersion:
     def detect(self, picture: Image.Image, spec: DetectSpec) -> list[Detection]:
         """The items the detector finds in a decoded photo, best first, their categories as served paths;
         categories this version cannot resolve are left out."""
-        found = self.require_detector().detect([picture], spec.score_threshold, spec.nms_threshold,
-                                               spec.max_items)[0]
+        detector = self.require_detector()
+        try:
+            found = detector.detect([picture], spec.score_threshold, spec.nms_threshold, spec.max_items)[0]
+        except CropTooSmall as exc:  # the detector resizes the whole photo: a 500x3 one has no rows to look at
+            raise BadInput(400, f"the photo is too small to find items in: {exc}") from exc
         served = []
         for item in found:
             try:

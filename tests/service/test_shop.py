@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from service.app import create_app
 from service.engine import Engine
@@ -21,7 +22,7 @@ from service.launch import wait_until_ready
 from service.search import Page, SearchSpec
 from service.versions import LoadedVersion
 from tests.index.detection import BAGS, SHOES, build_box_shop, scene_bytes, truth
-from tests.service.helpers import make_settings, post, scene_jpeg
+from tests.service.helpers import encode, make_settings, post, scene_jpeg
 from training.model.detect_post import box_iou
 from training.model.runtimes import installed
 from training.model.runtimes.openvino_runtime import cpu_supports_bf16
@@ -173,6 +174,15 @@ def test_the_detector_runs_in_the_precision_asked_for(box_shop: dict[str, Path])
 def test_a_bad_photo_is_refused(shop_app: TestClient) -> None:
     response = shop_app.post("/detect", files={"image": ("x.jpg", b"not an image", "image/jpeg")})
     assert response.status_code == 400
+
+
+@pytest.mark.parametrize(("path", "fields"), [("/detect", {}), ("/shop", {}), ("/recommend", {"bbox": "0,0,1,1"})])
+def test_a_photo_too_small_to_search_is_a_400(shop_app: TestClient, path: str, fields: dict[str, str]) -> None:
+    # A valid image only 3 pixels tall: the detector's whole-photo resize has nothing to work on.
+    thin = encode(Image.new("RGB", (500, 3), (128, 128, 128)), "PNG")
+    response = shop_app.post(path, data=fields, files={"image": ("thin.png", thin, "image/png")})
+    assert response.status_code == 400, response.text
+    assert "too small" in response.json()["detail"]
 
 
 @pytest.mark.skipif(not installed("openvino"), reason="openvino is not installed")
