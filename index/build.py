@@ -32,7 +32,7 @@ from index.ann import (
 )
 from index.catalogue import CatalogueRow, make_thumbnail
 from index.dedup import DEFAULT_DUPLICATE_THRESHOLD, group_duplicates, image_digest
-from index.detector import prepare_detector
+from index.detector import check_detector_checkpoint, prepare_detector
 from index.embed import embed_product_files
 from index.errors import ArtifactError, Refused
 from index.examples import DEFAULT_EXAMPLES, choose_examples, write_examples
@@ -267,6 +267,8 @@ def build(
         if not catalogue:
             raise Refused(f"{data} has no product with both a category and an image; nothing to index")
         embedder = load_embedder(checkpoint, device)
+        if detector is not None:
+            check_detector_checkpoint(detector)
         # Beside the versions, so the export's files are hard-linked into the version, not copied; a killed
         # build's leftover goes with the next build's clean_stale.
         with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}export-", dir=out) as scratch:

@@ -15,17 +15,28 @@ from pathlib import Path
 from index.errors import Refused
 from training.errors import TrainingError
 from training.model.detect_post import DetectorExport
-from training.model.detector import check_detector_export, export_detector, load_detector
+from training.model.detector import check_detector_export, export_detector, load_detector, read_detector_checkpoint
 
 LOG = logging.getLogger(__name__)
+
+
+def check_detector_checkpoint(checkpoint: Path) -> None:
+    """Refused when `checkpoint` is missing or is no detector checkpoint. The build asks this before it embeds
+    the catalogue, so a wrong path costs a second rather than the whole embedding."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise Refused(f"detector checkpoint {checkpoint} does not exist")
+    try:
+        read_detector_checkpoint(checkpoint)
+    except TrainingError as exc:
+        raise Refused(f"the detector {checkpoint} cannot go into the version: {exc}") from exc
 
 
 def prepare_detector(checkpoint: Path, folder: Path, indexed: Iterable[str], device: str = "cpu",
                      backbone_weights: Path | None = None) -> DetectorExport:
     """Copy, export and check the detector into `folder`; Refused when it cannot be used with this index."""
     checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise Refused(f"detector checkpoint {checkpoint} does not exist")
+    check_detector_checkpoint(checkpoint)
     try:
         # On the CPU: the export is traced there, and a frozen TorchScript pyramid cannot be exported.
         detector = load_detector(checkpoint, "cpu" if device == "auto" else device, backbone_weights, freeze=False)

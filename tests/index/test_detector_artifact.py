@@ -105,7 +105,17 @@ def test_an_edit_carries_the_detector_over(shop: dict[str, Path], tmp_path: Path
     assert verify(root).ok
 
 
-def test_build_refuses_a_detector_that_is_not_one(shop: dict[str, Path], tmp_path: Path) -> None:
+def test_build_refuses_a_detector_that_is_not_one(shop: dict[str, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    def embed_catalogue(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the catalogue was embedded before the detector was refused")
+
+    # Refused before the embedding: a wrong --detector must not cost the whole catalogue's forward passes.
+    monkeypatch.setattr("index.build.embed_catalogue", embed_catalogue)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(Refused, match="not a readable detector checkpoint"):
+        build(shop["data"], shop["head"], tmp_path / "junk", device="cpu", workers=0, progress=False,
+              detector=tmp_path / "junk.pt")
     with pytest.raises(Refused, match="detector"):
         build(shop["data"], shop["head"], tmp_path / "artifacts", device="cpu", workers=0, progress=False,
               detector=shop["head"])  # a head checkpoint, not a detector

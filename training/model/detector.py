@@ -311,7 +311,7 @@ def read_detector_checkpoint(path: str | Path) -> DetectorCheckpoint:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)  # data, never code
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        raise DetectorMismatch(f"{path} is not a readable detector checkpoint: {exc}") from exc
+        raise DetectorMismatch(f"{path} is not a readable detector checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(payload, dict) or payload.get("kind") != "detector" \
             or payload.get("format_version") != FORMAT_VERSION:
         raise DetectorMismatch(f"{path} is not a detector checkpoint of format {FORMAT_VERSION}")
