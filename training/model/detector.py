@@ -176,9 +176,15 @@ def build_pyramid(backbone: Backbone) -> nn.Module:
     return module
 
 
-def detection_preprocess(backbone: Backbone, image_size: int) -> Preprocess:
+# The whole-photo resize of detectors trained from now on: `Preprocess.reducing_gap`. Detectors trained before
+# it keep the plain resize their checkpoint records, and are served with it.
+DETECT_REDUCING_GAP = 2.0
+
+
+def detection_preprocess(backbone: Backbone, image_size: int,
+                         reducing_gap: float | None = DETECT_REDUCING_GAP) -> Preprocess:
     """Whole-scene preprocessing: the backbone's normalisation at the detector's resolution, no crop."""
-    return Preprocess(image_size, backbone.mean, backbone.std, context=0.0)
+    return Preprocess(image_size, backbone.mean, backbone.std, context=0.0, reducing_gap=reducing_gap)
 
 
 # ---------------------------------------------------------------- FPN + FCOS head
@@ -336,7 +342,8 @@ class Detector:
     """Frozen backbone pyramid + trained FPN/FCOS head on one device: PIL images in, `Detection`s out."""
 
     def __init__(self, backbone: Backbone, net: DetectorNet, categories: Sequence[str],
-                 device: str | torch.device = "auto", freeze: bool = True) -> None:
+                 device: str | torch.device = "auto", freeze: bool = True,
+                 reducing_gap: float | None = DETECT_REDUCING_GAP) -> None:
         if len(categories) != net.fcos.head.classification_head.num_classes:
             raise DetectorMismatch(f"{len(categories)} categories for a head of "
                                    f"{net.fcos.head.classification_head.num_classes} classes")
@@ -344,7 +351,7 @@ class Detector:
         self.backbone = backbone
         self.config = net.config
         self.categories = list(categories)
-        self.preprocess = detection_preprocess(backbone, net.config.image_size)
+        self.preprocess = detection_preprocess(backbone, net.config.image_size, reducing_gap)
         self.pyramid = build_pyramid(backbone).to(self.device)
         if self.device.type == "cpu" and freeze:
             self.pyramid = freeze_for_cpu(self.pyramid, net.config.image_size, torch.contiguous_format)
@@ -383,7 +390,8 @@ def load_detector(path: str | Path, device: str | torch.device = "auto",
                                f"({checkpoint.backbone_weights_sha256[:12]} vs {backbone.weights_sha256[:12]})")
     net = DetectorNet(pyramid_spec(backbone.name), len(checkpoint.categories), checkpoint.config)
     net.load_state_dict(checkpoint.state_dict)
-    detector = Detector(backbone, net, checkpoint.categories, device, freeze=freeze)
+    detector = Detector(backbone, net, checkpoint.categories, device, freeze=freeze,
+                        reducing_gap=checkpoint.preprocess.reducing_gap)  # resized as it was trained
     if detector.preprocess != checkpoint.preprocess:
         raise DetectorMismatch(f"detector {path} was trained with preprocessing {checkpoint.preprocess.to_dict()}, "
                                f"but {backbone.name} preprocesses as {detector.preprocess.to_dict()}")

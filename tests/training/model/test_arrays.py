@@ -37,11 +37,11 @@ def test_to_array_equals_to_tensor_bit_for_bit(preprocess):
             assert np.array_equal(array, to_tensor(image, bbox, preprocess).numpy()), (seed, bbox)
 
 
-def test_to_array_is_the_normalised_bilinear_crop():
+@pytest.mark.parametrize("bbox", [(0.2, 0.3, 0.6, 0.8), None])  # None: the whole image, resized uncropped
+def test_to_array_is_the_normalised_bilinear_crop(bbox):
     """An independent reference (plain float64 arithmetic), now that to_tensor wraps to_array."""
     preprocess = Preprocess(48, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), context=0.1)
     image = _image(200, 150, 7)
-    bbox = (0.2, 0.3, 0.6, 0.8)
     box = bbox_to_pixels(200, 150, bbox, 0.1)
     crop = np.asarray(image.crop(box).resize((48, 48), Image.Resampling.BILINEAR), dtype=np.float64)
     expected = ((crop / 255.0 - np.array(preprocess.mean)) / np.array(preprocess.std)).transpose(2, 0, 1)
@@ -90,3 +90,24 @@ def test_to_array_writes_into_a_row_of_a_batch_and_refuses_a_wrong_one():
         to_array(image, None, preprocess, out=np.empty((3, 31, 32), dtype=np.float32))
     with pytest.raises(ValueError, match="out must be float32"):
         to_array(image, None, preprocess, out=np.empty((3, 32, 32), dtype=np.float64))
+
+
+def test_reducing_gap_resizes_a_small_source_exactly_and_a_big_one_closely() -> None:
+    plain = Preprocess(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), context=0.0)
+    gapped = Preprocess(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), context=0.0, reducing_gap=2.0)
+    small = _image(60, 50, seed=1)  # under 2x the output a side: no reduce() step
+    assert np.array_equal(to_array(small, None, plain), to_array(small, None, gapped))
+    big = _image(400, 300, seed=2).resize((400, 300), Image.Resampling.BICUBIC)
+    exact, fast = to_array(big, None, plain), to_array(big, None, gapped)
+    assert not np.array_equal(exact, fast)
+    assert float(np.abs(exact - fast).max()) <= 8 / 255 / 0.5  # a few grey levels at most, normalised
+
+
+def test_reducing_gap_is_left_out_of_an_older_fingerprint() -> None:
+    plain = Preprocess(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), context=0.1)
+    assert "reducing_gap" not in plain.to_dict()  # every preprocessing written before it keeps its sha256
+    gapped = Preprocess(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), context=0.1, reducing_gap=2.0)
+    assert Preprocess.from_dict(gapped.to_dict()) == gapped and gapped.sha256() != plain.sha256()
+    assert Preprocess.from_dict(plain.to_dict()) == plain
+    with pytest.raises(ValueError, match="reducing_gap"):
+        Preprocess(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), reducing_gap=0.5)

@@ -91,6 +91,15 @@ def test_checkpoint_round_trip_gives_the_same_detections(tmp_path: Path) -> None
         assert [d.score for d in want] == pytest.approx([d.score for d in have], abs=1e-5)
 
 
+def test_a_detector_trained_before_reducing_gap_is_served_as_it_was_trained(tmp_path: Path) -> None:
+    backbone = load_backbone("tiny")
+    older = detection_preprocess(backbone, 64, reducing_gap=None)  # what checkpoints recorded before the option
+    save_detector(tmp_path / "old.pt", DetectorCheckpoint(CONFIG, CATEGORIES, _net().state_dict(), backbone.name,
+                                                          backbone.weights_sha256, older, {}, {}))
+    assert load_detector(tmp_path / "old.pt", device="cpu").preprocess == older
+    assert load_detector(_save(tmp_path / "new.pt", _net()), device="cpu").preprocess.reducing_gap == 2.0
+
+
 def test_load_refuses_other_weights_and_foreign_files(tmp_path: Path) -> None:
     path = _save(tmp_path / "detector.pt", _net())
     other = tmp_path / "other-tiny.pt"

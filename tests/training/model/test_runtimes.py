@@ -207,13 +207,12 @@ def test_exported_runtime_serves_an_image_without_torch(embedder, export_dir, na
     """The serving path: decode, to_array, load_runtime, vectors, in a process that never imports torch."""
     code = textwrap.dedent(f"""
         import sys
-        from types import SimpleNamespace
         import numpy as np
         from PIL import Image
-        from training.model.arrays import to_array
+        from training.model.arrays import Preprocess, to_array
         from training.model.runtimes import load_runtime
         runtime = load_runtime({name!r}, sys.argv[1], threads=1)
-        spec = SimpleNamespace(**runtime.fingerprint["preprocess"])
+        spec = Preprocess.from_dict(runtime.fingerprint["preprocess"])
         image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 70, 3), dtype=np.uint8))
         batch = np.stack([to_array(image, (0.1, 0.2, 0.8, 0.9), spec)])
         np.save(sys.argv[2], runtime.vectors(batch, "scene"))
