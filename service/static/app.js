@@ -31,6 +31,7 @@
     query: null, // the search "show more" continues: {kind: "recommend"|"similar"|"shop", productId, title, k, filter}
     shown: 0, request: 0,
     detected: [], // the items /detect found in the photo: {bbox: [l, t, r, b], category, score}
+    photoRequest: 0, // the newest photo chosen: one still being downscaled is dropped for it
     detectRequest: 0,
   };
 
@@ -98,8 +99,41 @@
 
   // ------------------------------------------------------------------ the photo
 
-  function setPhoto(blob, name) {
-    state.file = blob;
+  // A photo longer than this a side is sent downscaled, as a JPEG: the service decodes the upload on every
+  // request (a 7 MP phone photo: ~22 ms of its ~33 ms /recommend and 78 ms /shop, against 14 and 44 ms at
+  // 1008x1260), and the items of a photo this size still crop to more than the model's 224 px. Boxes are
+  // normalised, so they mean the same on either; the page keeps showing the original.
+  const MAX_UPLOAD_SIDE = 1600;
+
+  async function uploadable(blob) {
+    if (typeof createImageBitmap !== "function") return blob;
+    let bitmap;
+    try {
+      bitmap = await createImageBitmap(blob, { imageOrientation: "from-image" }); // EXIF rotation applied
+    } catch {
+      return blob; // not a picture this browser decodes: the service says what is wrong with it
+    }
+    const scale = MAX_UPLOAD_SIDE / Math.max(bitmap.width, bitmap.height);
+    if (!(scale < 1)) {
+      bitmap.close();
+      return blob;
+    }
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.max(1, Math.round(bitmap.width * scale));
+    canvas.height = Math.max(1, Math.round(bitmap.height * scale));
+    const context = canvas.getContext("2d");
+    context.imageSmoothingQuality = "high";
+    context.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+    bitmap.close();
+    const smaller = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.92));
+    return smaller || blob;
+  }
+
+  async function setPhoto(blob, name) {
+    const id = ++state.photoRequest;
+    const sent = await uploadable(blob);
+    if (id !== state.photoRequest) return; // another photo was chosen meanwhile
+    state.file = sent;
     state.fileName = name || blob.name || "photo.jpg";
     state.sceneReady = false;
     setBox(null);
@@ -517,7 +551,7 @@
     clearMessages();
     try {
       const blob = await (await call(example.image_url)).blob();
-      setPhoto(blob, `${example.id}.jpg`);
+      await setPhoto(blob, `${example.id}.jpg`);
       await new Promise((resolve) => {
         if (el.scene.complete && state.sceneReady) resolve();
         el.scene.addEventListener("load", resolve, { once: true });

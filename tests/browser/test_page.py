@@ -6,6 +6,7 @@ come first; each test starts from the page as a shopper opens it.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -262,3 +263,43 @@ def test_an_example_scene_loads_its_box_and_category_and_searches(page: Page, se
     assert page.locator(CARDS).count() > 0 and page.locator("#error").is_hidden()
     shown = page.locator("#box-value").inner_text().rsplit(" ", 1)[-1].split(",")
     assert [round(float(v), 3) for v in shown] == [round(v, 3) for v in shipped[0]["bbox"]]  # the example's box
+
+
+def _photo(width: int, height: int) -> bytes:
+    gradient = Image.linear_gradient("L").resize((width, height))
+    buffer = io.BytesIO()
+    Image.merge("RGB", (gradient, gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT), gradient)).save(
+        buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+# Wraps the page's fetch to note each upload's image (its bytes and decoded size): Playwright does not expose
+# the body of a multipart request that carries a Blob.
+RECORD_UPLOADS = """() => {
+  window.uploads = [];
+  const send = window.fetch;
+  window.fetch = async (url, options) => {
+    const image = options && options.body instanceof FormData ? options.body.get("image") : null;
+    if (image) {
+      const bitmap = await createImageBitmap(image);
+      window.uploads.push({url: String(url), type: image.type, bytes: image.size,
+                           width: bitmap.width, height: bitmap.height});
+    }
+    return send(url, options);
+  };
+}"""
+
+
+def test_a_big_photo_is_sent_downscaled_and_a_small_one_as_it_is(page: Page, shop: tuple[Shop, Path]) -> None:
+    page.evaluate(RECORD_UPLOADS)
+    upload(page, "phone.jpg", _photo(2400, 1800))
+    page.wait_for_function("window.uploads.length === 1")
+    big = page.evaluate("window.uploads[0]")
+    assert big["url"].endswith("/detect") and big["type"] == "image/jpeg"
+    assert (big["width"], big["height"]) == (1600, 1200)  # the longer side at the page's limit, aspect kept
+
+    small = _photo(640, 480)
+    upload(page, "small.jpg", small)
+    page.wait_for_function("window.uploads.length === 2")
+    sent = page.evaluate("window.uploads[1]")
+    assert (sent["width"], sent["height"], sent["bytes"]) == (640, 480, len(small))  # the file as chosen
