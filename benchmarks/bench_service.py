@@ -552,7 +552,9 @@ def start_server(root: Path, args: argparse.Namespace, runtime: str | None = Non
     url = f"http://127.0.0.1:{port}"
     threads = len(cpus) if cpus else args.threads
     env = {**os.environ, "STL_ARTIFACTS": str(root), "STL_DEVICE": "cpu", "STL_LOG_LEVEL": "WARNING",
-           "STL_RUNTIME": runtime or args.runtime, "STL_PRECISION": args.precision,
+           "STL_RUNTIME": runtime or args.runtime,
+           # torch runs fp32 only: with --precision bf16 the torch reference is the fp32 service it replaces
+           "STL_PRECISION": "fp32" if (runtime or args.runtime) == "torch" else args.precision,
            **({"STL_BACKBONE_WEIGHTS": str(args.backbone_weights)} if args.backbone_weights else {}),
            "STL_TORCH_THREADS": str(threads), "STL_RUNTIME_THREADS": str(threads),
            "STL_BATCH_MAX_SIZE": str(args.batch_max_size),
