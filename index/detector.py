@@ -36,7 +36,8 @@ def prepare_detector(checkpoint: Path, folder: Path, indexed: Iterable[str], dev
                      backbone_weights: Path | None = None) -> DetectorExport:
     """Copy, export and check the detector into `folder`; Refused when it cannot be used with this index."""
     checkpoint = Path(checkpoint)
-    check_detector_checkpoint(checkpoint)
+    if not checkpoint.is_file():
+        raise Refused(f"detector checkpoint {checkpoint} does not exist")
     try:
         # On the CPU: the export is traced there, and a frozen TorchScript pyramid cannot be exported.
         detector = load_detector(checkpoint, "cpu" if device == "auto" else device, backbone_weights, freeze=False)

@@ -97,11 +97,8 @@ class SceneEncoder:
 
     def warm_up(self, max_batch: int = 1) -> None:
         """A forward pass at every batch size 1..`max_batch` now: a broken model fails at load time, not on the
-        first user, and no user pays a batch size's first pass. OpenVINO prepares each new input shape of a
-        dynamic-batch graph on its first pass (lite0 on 2 cores: 38 ms for the first batch of 4, 17 after), and
-        the batcher's time per crop, which admission control multiplies by the queue, began with those first
-        passes: a fresh server at concurrency 32 refused ~92 % of requests for ~10 s before its estimate came
-        down to what it delivers."""
+        first user, and no user pays a batch size's first pass: OpenVINO prepares each new input shape of a
+        dynamic-batch graph on its first pass (lite0 on 2 cores: 38 ms for the first batch of 4, 17 after)."""
         size = self.preprocess.image_size
         for batch in range(1, max(1, max_batch) + 1):
             self.embed(np.zeros((batch, 3, size, size), dtype=np.float32))
