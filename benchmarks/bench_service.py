@@ -74,6 +74,7 @@ from index.artifact import open_artifact
 from index.manifest import Provenance
 from index.publish import publish, staging_dir
 from index.writer import CategoryData, new_version, stage_export, write_version
+from service.encoder import runtime_precision
 from service.launch import ServiceNotReady, wait_until_ready
 from service.process import retain_freed_memory
 from service.settings import Settings
@@ -88,9 +89,9 @@ from training.model.export import MIN_COSINE, check_export_runtimes, export_embe
 from training.model.head import CompatibilityHead, HeadConfig
 from training.model.preprocess import Preprocess
 from training.model.runtimes import Runtime, load_runtime, resolve_name
+from training.model.runtimes.base import check_precision
 
 LOG = logging.getLogger(__name__)
-PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # STL_PRECISION -> the runtimes' names
 RESULTS = Path(__file__).parent / "results" / "service.json"
 # The real STL fashion catalogue (../shared/stl/fashion-cat.json): 38,111 products in these categories.
 STL_CATEGORY_MIX = dict(FALLBACK_CATEGORIES)
@@ -900,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workers = args.threads if args.runtime_resolved == "torch" else 1
         export_dir = open_artifact(root).export_dir
         runtime = (load_runtime("torch", embedder=embedder) if args.runtime_resolved == "torch" else
-                   load_runtime(args.runtime_resolved, export_dir, PRECISIONS[args.precision],  # type: ignore[arg-type]
+                   load_runtime(args.runtime_resolved, export_dir, check_precision(runtime_precision(args.precision)),
                                 threads=args.threads))
         bare = Bare(runtime, embedder.preprocess, scene_images(8))
         bare.one_ms(10)  # warm-up
