@@ -146,10 +146,14 @@ class Admission:
         outstanding crops, or the admitted scenes if more) and its own batch, which under load is a full one
         (STL_BATCH_MAX_SIZE), times the time per crop. Counting only the crops ahead, the admitted answers sat
         at the budget and their p99 went past the budget plus a batch (measured at twice capacity: p50 500 ms,
-        p99 549-570 against 546)."""
+        p99 549-570 against 546). Nothing ahead of it: 0, whatever the time per crop. Refused at rest, a scene
+        would wait no less, and a server that refuses at rest runs no pass to correct a figure one slow pass (a
+        12 MP photo decoded on the batcher's thread) put past the budget: it refused every scene for good."""
         if self.load is None or not self.load.seconds_per_crop:
             return 0.0
         depth = max(self.load.outstanding, self.scenes_in_flight)
+        if depth == 0:
+            return 0.0
         return (depth + self.batch_max_size) * self.load.seconds_per_crop
 
     def refuse_draining(self) -> Unavailable:
@@ -157,11 +161,18 @@ class Admission:
         return Unavailable("the service is shutting down; retry on another instance", retry_after_s=1)
 
     def begin(self, scene: bool = False) -> None:
+        """An admitted API request starts; a scene counts toward the wait until `scene_answered`."""
         self.in_flight += 1
         self.scenes_in_flight += scene
         self.last_activity = time.monotonic()
 
-    def end(self, scene: bool = False) -> None:
+    def scene_answered(self) -> None:
+        """A scene's answer is out. Counted then, not when its request ends: a client's next scene can reach
+        the door before the loop has finished the last one, and would be refused for the scene ahead of it
+        that is already answered (at one request at a time, after a slow pass had raised the time per crop)."""
+        self.scenes_in_flight -= 1
+
+    def end(self) -> None:
+        """An admitted API request ends (the drain waits for every one)."""
         self.in_flight -= 1
-        self.scenes_in_flight -= scene
         self.last_activity = time.monotonic()

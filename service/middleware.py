@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -144,13 +145,24 @@ class AdmissionGate:
             return
         scope.setdefault("state", {})["deadline"] = deadline
         admission.begin(scene)
-        try:
-            await self._bounded(scope, receive, send, deadline)
-        finally:
-            admission.end(scene)
+        pending = scene
 
-    async def _bounded(self, scope: Scope, receive: Receive, send: Send, deadline: float) -> None:
-        """The app, cancelled when the client goes away or when `deadline` passes before it answers."""
+        def answered() -> None:
+            nonlocal pending
+            if pending:
+                pending = False
+                admission.scene_answered()
+
+        try:
+            await self._bounded(scope, receive, send, deadline, answered)
+        finally:
+            answered()
+            admission.end()
+
+    async def _bounded(self, scope: Scope, receive: Receive, send: Send, deadline: float,
+                       answered: Callable[[], None]) -> None:
+        """The app, cancelled when the client goes away or when `deadline` passes before it answers;
+        `answered` is called once its whole answer is sent."""
         loop = asyncio.get_running_loop()
         started = done = disconnected = False
         watcher: asyncio.Task | None = None
@@ -179,6 +191,8 @@ class AdmissionGate:
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 done = True
             await send(message)
+            if done:
+                answered()
 
         task = loop.create_task(self.app(scope, watched_receive, watched_send))
         try:

@@ -246,6 +246,24 @@ def test_a_client_that_disconnects_cancels_its_request(tmp_path: Path) -> None:
     assert 'stl_requests_abandoned_total{reason="disconnect"} 1.0' in metrics.render().decode()
 
 
+def test_an_idle_server_admits_a_scene_however_slow_its_last_pass(gated: TestClient) -> None:
+    # One slow pass (a 12 MP photo decoded on the batcher's thread) can put the time per crop past the budget
+    # on its own. Refused with nothing queued, a scene would wait no less; and a server that refuses at rest
+    # never runs the pass that would bring the figure back down: every scene refused, for good (found by
+    # fuzzing a live server with photos from 1x1 to 4000x3000).
+    engine: Engine = gated.app.state.engine
+    engine.batcher.submit(SlowModel(pass_s=0.15, blocked=False), 0.0).result(5)  # 150 ms a crop; budget 100
+    wait_for_empty(engine.batcher)
+    slow = engine.batcher.seconds_per_crop
+    assert slow is not None and slow >= 0.15
+
+    admitted = post(gated)
+    assert admitted.status_code == 200 and admitted.json()["source"] == "embedding"
+    fast = engine.batcher.seconds_per_crop
+    assert fast is not None and fast < slow  # the admitted scene's pass corrected it
+    assert metric(gated, "stl_shed_total", reason="overloaded") == 0.0
+
+
 class _IdleLoad:
     """A batcher that has measured 40 ms a crop and holds nothing yet: admitted scenes are still upstream."""
 
@@ -299,3 +317,35 @@ def test_admitted_scenes_not_yet_queued_count_toward_the_wait(tmp_path: Path) ->
     statuses, refused, after = asyncio.run(scenario())
     assert statuses == [200, 200] and refused == 503
     assert after == 200 and admission.scenes_in_flight == 0  # answered scenes no longer count
+
+
+def test_a_scene_stops_counting_toward_the_wait_once_its_answer_is_sent(tmp_path: Path) -> None:
+    # The loop can read a client's next scene before it has finished the request it just answered: that
+    # answered scene must not be counted ahead of the next one (while the drain still waits for the request).
+    admission = Admission(make_settings(tmp_path, queue_budget_ms=100, batch_max_size=1), Metrics())
+    admission.attach(_IdleLoad())
+    finish = asyncio.Event()
+
+    async def app(scope, receive, send) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+        await finish.wait()  # the answer is out; the request has not ended yet
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"scene", "more_body": False}
+
+    async def send(message: dict) -> None:
+        pass
+
+    async def scenario() -> tuple[int, int]:
+        scope = {"type": "http", "method": "POST", "path": "/recommend", "headers": []}
+        first = asyncio.create_task(AdmissionGate(app, admission)(scope, receive, send))
+        await asyncio.sleep(0.05)
+        counted = admission.scenes_in_flight, admission.in_flight
+        finish.set()
+        await first
+        return counted
+
+    assert asyncio.run(scenario()) == (0, 1)
+    assert admission.scenes_in_flight == 0 and admission.in_flight == 0
