@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ PRODUCTS_FILE = "products.json"
 POPULARITY_FILE = "popularity.json"
 VERSIONS_DIR = "versions"
 CURRENT_LINK = "current"
+MAX_NAME_BYTES = 255  # NAME_MAX of Linux file systems: a longer version name cannot exist
 # Fingerprint fields that must agree between the manifest and the embedder that queries the indexes.
 FINGERPRINT_FIELDS = ("backbone", "backbone_weights_sha256", "head_sha256", "dim", "preprocess", "metric")
 
@@ -284,6 +286,12 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def is_version_name(version: str) -> bool:
+    """Whether `version` can name a directory of versions/: one path component, within NAME_MAX bytes."""
+    return (version not in ("", ".", "..") and not {"/", "\\", "\x00"} & set(version)
+            and len(os.fsencode(version)) <= MAX_NAME_BYTES)
+
+
 def open_artifact(root: Path, version: str | None = None) -> Artifact:
     """Open a published version of the artifact at `root` (None = the one `current` points at)."""
     root = Path(root)
@@ -292,6 +300,8 @@ def open_artifact(root: Path, version: str | None = None) -> Artifact:
         if version is None:
             raise ArtifactMissing(f"no index version is published under {root} (no valid '{CURRENT_LINK}' link); "
                                   "run `python -m index build` first")
+    if not is_version_name(version):  # a path such as '../x', or past the file system's name limit
+        raise ArtifactMissing(f"{_short(version)} is not an index version name; available: {list_versions(root)}")
     path = versions_dir(root) / version
     if not path.is_dir():
         raise ArtifactMissing(f"index version {version!r} does not exist under {root}; "

@@ -99,6 +99,12 @@ def test_no_artifact_or_corrupt_index_raises(tmp_path: Path, artifacts: Path) ->
     assert current_version(tmp_path / "empty") is None and latest_version(tmp_path / "empty") is None
     with pytest.raises(ArtifactError, match="does not exist"):
         open_artifact(artifacts, "19990101T000000.000000Z-deadbeef")
+    real = current_version(artifacts)
+    # Names that are not one directory of versions/: refused as such, never looked up (a path, or too long
+    # to exist: the file system would raise ENAMETOOLONG)
+    for name in ("", "..", f"../versions/{real}", f"{real}/", "a" * 300, "x\x00y"):
+        with pytest.raises(ArtifactError, match="is not an index version name"):
+            open_artifact(artifacts, name)
     artifact = open_artifact(artifacts)
     entry = artifact.manifest.categories["Apparel & Accessories|Shoes"]
     index_file = artifact.path / entry.index_file

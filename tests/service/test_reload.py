@@ -58,6 +58,16 @@ def test_reload_switches_to_newer_version(artifacts: Path, built: dict) -> None:
         assert client.get("/readyz").json()["index_version"] == newer
 
 
+def test_reload_of_a_name_that_cannot_be_a_version_is_409(artifacts: Path) -> None:
+    with TestClient(create_app(make_settings(artifacts, admin_token=SecretStr(TOKEN)))) as client:
+        served = client.get("/readyz").json()["index_version"]
+        for name in ("a" * 300, f"../versions/{served}", "nope"):  # found by fuzzing: 300 chars were a 500
+            response = client.post("/admin/reload", headers=AUTH, params={"version": name})
+            assert response.status_code == 409, name
+            assert "still serving" in response.json()["detail"]
+        assert client.get("/readyz").json()["index_version"] == served
+
+
 def test_reload_refuses_a_broken_version(artifacts: Path, built: dict) -> None:
     with TestClient(create_app(make_settings(artifacts, admin_token=SecretStr(TOKEN)))) as client:
         old = client.get("/readyz").json()["index_version"]
