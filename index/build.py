@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import hashlib
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -41,6 +42,7 @@ from index.publish import DEFAULT_KEEP, STAGING_PREFIX, build_lock, clean_stale,
 from index.writer import CategoryData, new_version, stage_detector, stage_export, write_version
 from training.cli import report
 from training.cli.args import (
+    SEED,
     add_cache_arg,
     add_data_arg,
     add_device_arg,
@@ -48,6 +50,8 @@ from training.cli.args import (
     add_images_arg,
     add_progress_arg,
     add_workers_arg,
+    directory,
+    number,
 )
 from training.data.popularity import Popularity
 from training.data.products import Product, read_dataset_products, read_products
@@ -335,14 +339,18 @@ def build(
             if detector is not None:
                 prepare_detector(detector, detector_dir, [data_.category for data_ in categories], device)
             staging = staging_dir(out, version)
-            write_version(staging, version, categories, fingerprint, Path(checkpoint), popularity, products, provenance,
-                          exact_threshold, approximate, seed, progress, started=started, catalogue=rows,
-                          examples=lambda folder: write_examples(folder, dataset, chosen),
-                          export=None if made is None else partial(stage_export, source=made, checked=checked,
-                                                                   min_cosine=MIN_COSINE),
-                          detector=None if detector is None else partial(
-                              stage_detector, source=detector_dir, origin=str(Path(detector).resolve())))
-            publish(out, staging, keep)
+            try:
+                write_version(staging, version, categories, fingerprint, Path(checkpoint), popularity, products,
+                              provenance, exact_threshold, approximate, seed, progress, started=started,
+                              catalogue=rows, examples=lambda folder: write_examples(folder, dataset, chosen),
+                              export=None if made is None else partial(stage_export, source=made, checked=checked,
+                                                                       min_cosine=MIN_COSINE),
+                              detector=None if detector is None else partial(
+                                  stage_detector, source=detector_dir, origin=str(Path(detector).resolve())))
+                publish(out, staging, keep)
+            finally:
+                # Published: renamed away. Not: no half-written staging dir left behind (as index/edit.py).
+                shutil.rmtree(staging, ignore_errors=True)
             return version
 
 
@@ -374,7 +382,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m index build", description=__doc__)
     add_data_arg(parser, help="STL-format dataset directory")
     parser.add_argument("--checkpoint", type=Path, required=True, help="head checkpoint (model.pt)")
-    parser.add_argument("--out", type=Path, required=True, help="artifact root (versions/ and current)")
+    parser.add_argument("--out", type=directory, required=True, help="artifact root (versions/ and current)")
     add_device_arg(parser, strict=True)
     add_cache_arg(parser, help="backbone feature cache dir to reuse")
     parser.add_argument("--exact-threshold", type=int, default=DEFAULT_EXACT_THRESHOLD,
@@ -386,12 +394,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="versions to keep (current always kept)")
     parser.add_argument("--batch-size", type=int, default=64)
     add_workers_arg(parser, help="image decoding worker processes")
-    parser.add_argument("--split-seed", type=int, default=None,
+    parser.add_argument("--split-seed", type=SEED, default=None,
                         help="seed of the train split for popularity (default: the checkpoint's, else 0)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=SEED, default=0)
     parser.add_argument("--products", type=Path, default=None,
                         help="product data: JSONL, or CSV with label.<key> columns (default: DATA/products.jsonl)")
-    parser.add_argument("--duplicate-threshold", type=float, default=DEFAULT_DUPLICATE_THRESHOLD,
+    parser.add_argument("--duplicate-threshold", type=number(), default=DEFAULT_DUPLICATE_THRESHOLD,
                         help="products of a category whose vectors' inner product reaches this are one dedup group "
                              "(as are identical image files); 0 or negative: image files only "
                              f"(default {DEFAULT_DUPLICATE_THRESHOLD})")

@@ -24,7 +24,7 @@ from index.artifact import current_version, open_artifact
 from index.build import build
 from index.errors import ArtifactError
 from training.cli import report
-from training.cli.args import add_backbone_args, add_device_arg, add_engine_args
+from training.cli.args import SEED, add_backbone_args, add_device_arg, add_engine_args, directory
 from training.data.stl import PAIRS_FILE, UPSTREAM_PAIRS_FILES
 from training.data.synth import SynthConfig, generate, load_category_counts
 from training.errors import TrainingError
@@ -44,11 +44,11 @@ DETECTOR_EPOCHS = 4
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m index pipeline", description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("data/synth"), help="STL dataset directory")
-    parser.add_argument("--work", type=Path, default=Path("runs/demo"), help="feature cache and head checkpoint")
-    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="index artifacts root")
+    parser.add_argument("--work", type=directory, default=Path("runs/demo"), help="feature cache and head checkpoint")
+    parser.add_argument("--artifacts", type=directory, default=Path("artifacts"), help="index artifacts root")
     parser.add_argument("--scenes", type=int, default=None, help="synthetic scenes (generator default if unset)")
     parser.add_argument("--products", type=int, default=None, help="synthetic products (generator default if unset)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=SEED, default=0)
     add_backbone_args(parser, weights=False)
     add_device_arg(parser, strict=True)
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (trainer default if unset)")

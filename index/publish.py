@@ -32,9 +32,16 @@ SELF_QUERIES = 3
 
 @contextmanager
 def build_lock(root: Path) -> Iterator[None]:
-    """One writer at a time per artifact root; the OS drops the lock when a killed build's process dies."""
-    root.mkdir(parents=True, exist_ok=True)
-    with (root / LOCK_FILE).open("a") as handle:
+    """One writer at a time per artifact root; the OS drops the lock when a killed build's process dies.
+    Refused (nothing written) when the root cannot be written: a file in its place, no permission."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = (root / LOCK_FILE).open("a")
+    except OSError as exc:
+        problem = ("exists and is not a directory" if root.exists() and not root.is_dir()
+                   else exc.strerror or str(exc))
+        raise Refused(f"cannot write to the artifact root {root}: {problem}") from None
+    with handle:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -137,7 +144,10 @@ def publish(root: Path, staging: Path, keep: int = DEFAULT_KEEP) -> Artifact:
     if target.exists():
         raise Refused(f"version {artifact.version} already exists under {root}")
     _fsync_dir(staging)
-    os.rename(staging, target)
+    try:
+        os.rename(staging, target)
+    except OSError as exc:  # e.g. versions/ not writable: the published version is untouched
+        raise Refused(f"cannot publish into {target.parent}: {exc.strerror or exc}; nothing was published") from None
     _fsync_dir(target.parent)
     switch_current(root, artifact.version)
     LOG.info("published index version %s (%d products in %d categories)", artifact.version,

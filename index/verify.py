@@ -23,6 +23,7 @@ from index.artifact import Artifact, open_artifact
 from index.catalogue import Catalogue, CatalogueError, check_catalogue
 from index.errors import ArtifactError
 from training.cli import report as report_error
+from training.cli.args import COUNT, number
 from training.errors import TrainingError
 from training.io import file_sha256
 from training.model.checkpoint import CheckpointMismatch, load_checkpoint
@@ -175,8 +176,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("artifacts", type=Path, help="artifact root")
     parser.add_argument("--version", default=None, help="version to check (default: current)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="head checkpoint that must match the index")
-    parser.add_argument("--k", type=int, default=RECALL_K)
-    parser.add_argument("--min-recall", type=float, default=RECALL_TARGET)
+    parser.add_argument("--k", type=COUNT, default=RECALL_K,
+                        help=f"neighbours of the recall check (default {RECALL_K})")
+    parser.add_argument("--min-recall", type=number(0.0, 1.0), default=RECALL_TARGET,
+                        help=f"recall@k the approximate indexes must reach (default {RECALL_TARGET})")
     return parser
 
 

@@ -1,7 +1,8 @@
 """The one exception root of the `training` library, and the kinds callers tell apart.
 
 A CLI catches `TrainingError`, prints its message on one line and exits with the kind's `exit_code`
-(`training.cli.report`); anything else is a bug and keeps its traceback. The codes, the same in every
+(`training.cli.report`); so does `training.cli.dispatch` for an OSError (a path that cannot be read or
+written is the environment's); anything else is a bug and keeps its traceback. The codes, the same in every
 command of `python -m training` and `python -m index`:
 
     0  success

@@ -33,7 +33,7 @@ def test_build_failing_in_the_last_category_leaves_current_intact(
     with pytest.raises(KeyboardInterrupt):
         _build(dataset_dir, checkpoint_path, artifacts)
     leftovers = [p.name for p in artifacts.iterdir() if p.name.startswith(".tmp-")]
-    assert len(leftovers) == 1  # the half-written staging dir, never under versions/
+    assert not leftovers  # the half-written staging dir is removed on the way out, never moved under versions/
     assert current_version(artifacts) == before and list_versions(artifacts) == [before]
     assert sum(i.size for i in open_artifact(artifacts).load_indexes().values()) == 21
 
@@ -99,3 +99,31 @@ def test_concurrent_build_is_refused(artifacts: Path, dataset_dir: Path, checkpo
     with index.publish.build_lock(artifacts):
         with pytest.raises(ArtifactError, match="another index build"):
             _build(dataset_dir, checkpoint_path, artifacts)
+
+
+def test_a_root_that_cannot_be_written_is_refused_before_anything_is_done(tmp_path: Path) -> None:
+    in_the_way = tmp_path / "root"
+    in_the_way.write_text("a file where the artifact root should be")
+    with pytest.raises(ArtifactError, match="cannot write to the artifact root .* not a directory"):
+        with index.publish.build_lock(in_the_way):
+            pass
+    assert in_the_way.read_text() == "a file where the artifact root should be"
+
+
+def test_a_publish_that_cannot_rename_is_refused_and_leaves_nothing_behind(
+    artifacts: Path, dataset_dir: Path, checkpoint_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # versions/ not writable (as root, chmod does not stop us: the rename is made to fail instead)
+    before = current_version(artifacts)
+    real = os.rename
+
+    def refuses_versions(source, target, *args, **kwargs):
+        if Path(target).parent.name == "versions":
+            raise PermissionError(13, "Permission denied", str(source), None, str(target))
+        return real(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(index.publish.os, "rename", refuses_versions)
+    with pytest.raises(ArtifactError, match="cannot publish into .*versions: Permission denied; nothing was published"):
+        _build(dataset_dir, checkpoint_path, artifacts)
+    assert current_version(artifacts) == before and list_versions(artifacts) == [before]
+    assert not [p for p in artifacts.iterdir() if p.name.startswith(".tmp-")]

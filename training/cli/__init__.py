@@ -22,11 +22,27 @@ def dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str] | 
     # faiss announces each SIMD library it tries at INFO; that is noise in a CLI's output.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     module = importlib.import_module(commands[argv[0]][0])
-    return int(module.main(argv[1:]) or 0)
+    try:
+        return int(module.main(argv[1:]) or 0)
+    except OSError as exc:
+        # A path the command cannot read or write (no permission, a file where a folder must be, a full disk) is
+        # the environment's, not a bug: one line naming it, like every bad input, not a traceback.
+        return report(OSFailure(exc))
+
+
+class OSFailure(Exception):
+    """An OSError as one line: what failed and on which path(s)."""
+
+    exit_code = EXIT_INPUT
+
+    def __init__(self, error: OSError) -> None:
+        paths = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+        super().__init__(f"{paths}: {error.strerror}" if paths and error.strerror else str(error))
 
 
 def report(exc: BaseException, prefix: str = "error") -> int:
-    """One line on stderr for an expected failure (a package's root error); its documented exit code.
+    """One line on stderr for an expected failure (a package's root error, or an OSError that reached `dispatch`);
+    its documented exit code.
 
     Every package root (`training.errors.TrainingError`, `index.errors.ArtifactError`) carries an
     `exit_code` class attribute; see training/errors.py for the table.

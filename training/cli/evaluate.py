@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from training.cli import report
 from training.cli.args import (
+    SEED,
     add_backbone_args,
     add_cache_arg,
     add_context_arg,
@@ -15,6 +15,7 @@ from training.cli.args import (
     add_progress_arg,
     add_split_seed_arg,
     add_workers_arg,
+    directory,
 )
 from training.errors import TrainingError
 from training.eval.metrics import DEFAULT_KS
@@ -29,9 +30,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_data_arg(parser)
     parser.add_argument("--model", action="append", required=True, dest="models",
                         help="'popularity', 'knn' (untrained backbone) or a head checkpoint path; repeatable")
-    parser.add_argument("--out", type=Path, required=True, help="writes metrics.json and hr_at_k.png here")
+    parser.add_argument("--out", type=directory, required=True, help="writes metrics.json and hr_at_k.png here")
     add_split_seed_arg(parser, help="seed of the scene split (as in training)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the binary-accuracy negatives")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the binary-accuracy negatives")
     parser.add_argument("--part", choices=["val", "test"], default="test", help="which split part to rank")
     parser.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS), help="K values of HR@K")
     add_backbone_args(parser, help="backbone of the knn baseline")

@@ -7,7 +7,16 @@ import argparse
 from pathlib import Path
 
 from training.cli import report
-from training.cli.args import add_cache_arg, add_data_arg, add_device_arg, add_progress_arg, add_split_seed_arg
+from training.cli.args import (
+    COUNT,
+    add_cache_arg,
+    add_data_arg,
+    add_device_arg,
+    add_progress_arg,
+    add_split_seed_arg,
+    directory,
+    number,
+)
 from training.errors import TrainingError
 from training.eval.detection import evaluate_detector
 
@@ -19,9 +28,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_data_arg(parser)
     parser.add_argument("--detector", type=Path, required=True, help="detector checkpoint (detector.pt)")
     parser.add_argument("--head", type=Path, default=None, help="retrieval head checkpoint for the end-to-end HR@K")
-    parser.add_argument("--out", type=Path, default=None, help="directory for detector_metrics.json")
-    parser.add_argument("--k", type=int, default=10, help="K of the end-to-end HR@K")
-    parser.add_argument("--score-threshold", type=float, default=0.05, help="lowest detection score kept")
+    parser.add_argument("--out", type=directory, default=None, help="directory for detector_metrics.json")
+    parser.add_argument("--k", type=COUNT, default=10, help="K of the end-to-end HR@K")
+    parser.add_argument("--score-threshold", type=number(0.0, 1.0), default=0.05, help="lowest detection score kept")
     add_device_arg(parser)
     add_split_seed_arg(parser, help="seed of the scene split (as in train and evaluate)")
     add_cache_arg(parser, help="retrieval feature cache for product vectors (default: <data>/.cache/features)")

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from training.cli import report
-from training.cli.args import add_progress_arg, add_workers_arg
+from training.cli.args import SEED, add_progress_arg, add_workers_arg, number
 from training.data.stl import short_name
 from training.data.synth import DEFAULT_CATEGORIES_SOURCE, SynthConfig, generate, load_category_counts
 from training.errors import TrainingError
@@ -20,11 +20,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="dataset directory to write")
     parser.add_argument("--scenes", type=int, default=defaults.scenes)
     parser.add_argument("--products", type=int, default=defaults.products)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=SEED, default=defaults.seed)
     parser.add_argument("--scene-size", type=int, nargs=2, metavar=("WIDTH", "HEIGHT"),
                         default=(defaults.scene_width, defaults.scene_height))
     parser.add_argument("--product-size", type=int, default=defaults.product_size)
-    parser.add_argument("--zipf", type=float, default=defaults.zipf_exponent, help="popularity exponent")
+    parser.add_argument("--zipf", type=number(0.0), default=defaults.zipf_exponent, help="popularity exponent")
     parser.add_argument("--categories-source", type=Path, default=None,
                         help=f"STL category file to take category sizes from (default: {DEFAULT_CATEGORIES_SOURCE} "
                              "when it exists, else a built-in copy of its counts)")

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
-from pathlib import Path
 
 from training.cli import report
 from training.cli.args import (
+    SEED,
     add_backbone_args,
     add_cache_arg,
     add_context_arg,
@@ -20,6 +20,8 @@ from training.cli.args import (
     add_progress_arg,
     add_split_seed_arg,
     add_workers_arg,
+    directory,
+    number,
 )
 from training.errors import TrainingError
 from training.exec.choose import open_executor
@@ -33,15 +35,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      description="split by scene, cache backbone features, train the head, "
                                                  "save a checkpoint")
     add_data_arg(parser)
-    parser.add_argument("--out", type=Path, required=True, help="output directory for head.pt, config.json, log")
+    parser.add_argument("--out", type=directory, required=True, help="output directory for head.pt, config.json, log")
     add_backbone_args(parser)
     add_device_arg(parser)
     add_context_arg(parser)
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
-    parser.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
-    parser.add_argument("--margin", type=float, default=DEFAULTS.margin, help="triplet loss margin")
+    parser.add_argument("--lr", type=number(0.0, above=True), default=DEFAULTS.lr)
+    parser.add_argument("--weight-decay", type=number(0.0), default=DEFAULTS.weight_decay)
+    parser.add_argument("--margin", type=number(0.0, above=True), default=DEFAULTS.margin, help="triplet loss margin")
     parser.add_argument("--loss", choices=LOSSES, default=DEFAULTS.loss,
                         help="triplet distance: l2 (squared, the paper's) or cosine")
     parser.add_argument("--miner", choices=MINER_KINDS, default=DEFAULTS.miner, help="triplet selection")
@@ -58,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dim", type=int, default=128, help="embedding dimension")
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--separate-heads", action="store_true", help="one head for scenes, one for products")
-    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and mining")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of initialisation, sampling and mining")
     add_split_seed_arg(parser, help="seed of the scene split (as in evaluate)")
     add_cache_arg(parser)
     parser.add_argument("--feature-batch-size", type=int, default=64, help="feature extraction batch size")

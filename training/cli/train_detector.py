@@ -6,10 +6,10 @@ Writes OUT/detector.pt (config, categories, metrics, train options) and OUT/dete
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from training.cli import report
 from training.cli.args import (
+    SEED,
     add_backbone_args,
     add_cache_arg,
     add_data_arg,
@@ -17,6 +17,8 @@ from training.cli.args import (
     add_progress_arg,
     add_split_seed_arg,
     add_workers_arg,
+    directory,
+    number,
 )
 from training.errors import TrainingError
 from training.fit.detector import DEFAULTS, LOG_FILE, DetectorFitOptions, fit_detector
@@ -27,7 +29,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      description="train the item detector (FPN + FCOS head on the frozen "
                                                  "backbone's cached feature pyramid)")
     add_data_arg(parser)
-    parser.add_argument("--out", type=Path, required=True, help="output directory for detector.pt and its log")
+    parser.add_argument("--out", type=directory, required=True, help="output directory for detector.pt and its log")
     add_backbone_args(parser)
     add_device_arg(parser)
     parser.add_argument("--image-size", type=int, default=DEFAULTS.image_size, help="square input side (pixels)")
@@ -35,10 +37,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head-convs", type=int, default=DEFAULTS.head_convs, help="convs per FCOS tower")
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
-    parser.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
+    parser.add_argument("--lr", type=number(0.0, above=True), default=DEFAULTS.lr)
+    parser.add_argument("--weight-decay", type=number(0.0), default=DEFAULTS.weight_decay)
     parser.add_argument("--patience", type=int, default=DEFAULTS.patience, help="early stopping patience (epochs)")
-    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    parser.add_argument("--seed", type=SEED, default=DEFAULTS.seed)
     add_split_seed_arg(parser, help="seed of the scene split (as in train and evaluate)")
     add_cache_arg(parser, help="pyramid cache directory (default: <data>/.cache/pyramids)")
     add_workers_arg(parser)

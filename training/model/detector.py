@@ -63,6 +63,9 @@ FORMAT_VERSION = 1
 # latency (issue 16: <= 3x /recommend, measured 3.0-3.4x at 320 px on a quiet machine) has no room for 4 more
 # ms; 416 px (`--image-size 416`) is the choice where earrings matter more than /shop's latency.
 DEFAULT_IMAGE_SIZE = 320
+# A square input past this is no photo size a detector needs, and its feature pyramid alone would not fit in
+# memory (100,000 px asked torch for 240 GB).
+MAX_IMAGE_SIZE = 2048
 GROUP_NORM_GROUPS = 32  # torchvision's FCOSHead: GroupNorm(32, fpn_channels) after each tower conv
 
 
@@ -82,8 +85,8 @@ class DetectorConfig:
     center_sampling_radius: float = 1.5
 
     def __post_init__(self) -> None:
-        if self.image_size < 32:
-            raise DataError(f"image_size must be at least 32, got {self.image_size}")
+        if not 32 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise DataError(f"image_size must be between 32 and {MAX_IMAGE_SIZE}, got {self.image_size}")
         # torchvision's FCOS towers use GroupNorm(32, channels): 48 would pass a "multiple of 16" rule and then
         # fail deep inside torchvision.
         if self.fpn_channels < GROUP_NORM_GROUPS or self.fpn_channels % GROUP_NORM_GROUPS:

@@ -88,3 +88,15 @@ def test_tiny_is_deterministic_and_leaves_the_global_rng_alone():
     batch = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         assert torch.equal(first.model(batch), second.model(batch))
+
+
+def test_efficientnet_lite0_foreign_file_is_a_clear_error(tmp_path):
+    # Found by fuzzing: a file that is no weights file was torch's dozen-line traceback.
+    junk = tmp_path / "photo.jpg"
+    junk.write_bytes(b"\xff\xd8 not a state dict")
+    with pytest.raises(BackboneUnavailable, match="is not a readable EfficientNet-Lite0 weights file: [^\n]*$"):
+        load_backbone("efficientnet_lite0", junk)
+    foreign = tmp_path / "other.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, foreign)
+    with pytest.raises(BackboneUnavailable, match="does not hold EfficientNet-Lite0 weights"):
+        load_backbone("efficientnet_lite0", foreign)

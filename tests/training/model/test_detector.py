@@ -122,4 +122,6 @@ def test_config_is_validated_and_round_trips() -> None:
         DetectorConfig(fpn_channels=40)
     with pytest.raises(DataError, match="multiple of 32"):  # GroupNorm(32, 48) would fail inside torchvision
         DetectorConfig(fpn_channels=48)
+    with pytest.raises(DataError, match="between 32 and 2048"):  # 100,000 px asked torch for 240 GB (fuzzing)
+        DetectorConfig(image_size=100_000)
     DetectorNet(pyramid_spec("tiny"), 2, DetectorConfig(image_size=64, fpn_channels=64, head_convs=1))
