@@ -23,7 +23,7 @@ from index.publish import DEFAULT_KEEP, build_lock
 from training.cli import report
 from training.cli.args import add_device_arg, require_positive
 from training.data.products import Product, read_products
-from training.data.stl import CategoryMap, is_valid_id
+from training.data.stl import CategoryMap, is_valid_id, not_utf8
 from training.errors import TrainingError
 from training.model.checkpoint import load_embedder
 
@@ -41,18 +41,22 @@ def read_jsonl(path: Path) -> list[NewProduct]:
     """`{"id", "category", "image"}` per line; relative image paths are relative to the file's folder."""
     products = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # surrogateescape: a byte that is not UTF-8 fails its own line below (training.data.stl.not_utf8).
+        lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
     except OSError as exc:
         raise Refused(f"cannot read {path}: {exc}") from exc
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        problem = not_utf8(line)
+        if problem is not None:
+            raise Refused(f"{path}:{number}: {problem}")
         try:
             record = json.loads(line)
             image = Path(record["image"])
             products.append(NewProduct(str(record["id"]), str(record["category"]),
                                        image if image.is_absolute() else path.parent / image))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, RecursionError, KeyError, TypeError) as exc:  # RecursionError: deep nesting
             raise Refused(f"{path}:{number}: expected {{\"id\", \"category\", \"image\"}}: {exc}") from exc
     return products
 
@@ -100,7 +104,7 @@ def add_products(root: Path, products: list[NewProduct], device: str = "auto", k
     started = time.perf_counter()
     root = Path(root)
     check_product_data(products, product_data or {})
-    with build_lock(root):
+    with build_lock(root, create=False):
         artifact = open_current(root)
         records = artifact.products()
         catalogue = CategoryMap({record["id"]: record["category"] for record in records})

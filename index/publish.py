@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from index.artifact import CURRENT_LINK, PRODUCTS_FILE, Artifact, current_version, list_versions, versions_dir
-from index.errors import CorruptArtifact, Refused
+from index.errors import ArtifactMissing, CorruptArtifact, Refused
 
 LOG = logging.getLogger(__name__)
 
@@ -31,9 +31,12 @@ SELF_QUERIES = 3
 
 
 @contextmanager
-def build_lock(root: Path) -> Iterator[None]:
+def build_lock(root: Path, create: bool = True) -> Iterator[None]:
     """One writer at a time per artifact root; the OS drops the lock when a killed build's process dies.
-    Refused (nothing written) when the root cannot be written: a file in its place, no permission."""
+    Refused (nothing written) when the root cannot be written: a file in its place, no permission. An edit
+    (`create` false) needs the root to exist: ArtifactMissing, rather than an empty root left behind."""
+    if not create and not root.is_dir():
+        raise ArtifactMissing(f"no artifact root at {root} (nothing to edit); run `python -m index build` first")
     try:
         root.mkdir(parents=True, exist_ok=True)
         handle = (root / LOCK_FILE).open("a")

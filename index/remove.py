@@ -35,7 +35,7 @@ def remove_products(root: Path, product_ids: list[str], keep: int = DEFAULT_KEEP
     root = Path(root)
     if not product_ids:
         raise Refused("nothing published: no product ids given")
-    with build_lock(root):
+    with build_lock(root, create=False):
         artifact = open_current(root)
         records = artifact.products()
         known = {record["id"]: record["category"] for record in records}

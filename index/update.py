@@ -101,7 +101,7 @@ def update_products(root: Path, updates: list[ProductUpdate], keep: int = DEFAUL
     root = Path(root)
     if not updates:
         raise Refused("nothing published: no product rows given")
-    with build_lock(root):
+    with build_lock(root, create=False):
         artifact = open_current(root)
         records = artifact.products()
         known = {record["id"] for record in records}

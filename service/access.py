@@ -32,7 +32,7 @@ MAX_BUCKETS = 10_000
 
 
 class AccessError(ValueError):
-    """The key configuration cannot be used (an unreadable or empty key file)."""
+    """The key configuration cannot be used (an unreadable or empty key file, STL_API_KEYS of blanks only)."""
 
 
 def key_id(key: str) -> str:
@@ -49,12 +49,20 @@ def read_keys(settings: Settings) -> list[str]:
         if text.startswith("@"):
             files.append(Path(text[1:]))
         else:
-            keys += [key.strip() for key in text.split(",") if key.strip()]
+            inline = [key.strip() for key in text.split(",") if key.strip()]
+            # Keys were meant (STL_API_KEYS=", ," is not unset) but none given: refused, as an empty key file
+            # is, rather than running the API open.
+            if not inline:
+                raise AccessError("STL_API_KEYS holds no key (only commas and blanks); unset it to run without keys")
+            keys += inline
     for path in files:
         try:
-            lines = path.read_text().splitlines()
+            lines = path.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             raise AccessError(f"cannot read the API key file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:  # the reason, never the bytes: they may be part of a key
+            raise AccessError(f"cannot read the API key file {path}: not UTF-8 text "
+                              f"(a bad byte at offset {exc.start})") from None
         found = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         if not found:
             raise AccessError(f"the API key file {path} holds no key")

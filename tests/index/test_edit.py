@@ -105,6 +105,8 @@ def test_remove_and_add_keep_an_approximate_index_consistent(tmp_path: Path, dat
         (["--id", "n1", "--category", "Shoes", "--image", "{missing}"], "does not exist"),
         (["--id", "bad id", "--category", "Shoes", "--image", "{img}"], "invalid id"),
         (["--id", "n1", "--category", "Shoes", "--image", "{broken}"], "unreadable image"),
+        # The fuzzer's case: a Latin-1 --from file was a UnicodeDecodeError traceback.
+        (["--from", "{latin1}"], "latin1.jsonl:2: not UTF-8 text (byte 0xe9 at position 28)"),
     ],
 )
 def test_bad_add_publishes_nothing(artifacts: Path, tmp_path: Path, args: list[str], message: str,
@@ -112,7 +114,10 @@ def test_bad_add_publishes_nothing(artifacts: Path, tmp_path: Path, args: list[s
     image = tmp_path / "ok.jpg"
     draw_image(image, np.random.default_rng(0))
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    paths = {"img": image, "missing": tmp_path / "missing.jpg", "broken": tmp_path / "broken.jpg"}
+    line = json.dumps({"id": "n1", "category": "Shoes", "image": str(image)}) + "\n"
+    (tmp_path / "latin1.jsonl").write_bytes(line.encode() + b'{"id": "n2", "category": "Sh\xe9es"}\n')
+    paths = {"img": image, "missing": tmp_path / "missing.jpg", "broken": tmp_path / "broken.jpg",
+             "latin1": tmp_path / "latin1.jsonl"}
     before = list_versions(artifacts)
     argv = ["--artifacts", str(artifacts), "--device", "cpu"] + [a.format(**paths) for a in args]
     assert add_main(argv) == 1
@@ -258,3 +263,11 @@ def test_a_version_without_catalogue_gets_one_only_with_product_data(artifacts: 
         # Products of the old version get bare rows with a thumbnail of their (still reachable) image.
         assert old is not None and old.product.title is None and catalogue.thumbnail("p0x001") is not None
     assert verify(artifacts).ok
+
+
+def test_an_edit_of_a_root_that_does_not_exist_creates_nothing(tmp_path: Path, capsys) -> None:
+    # Found by fuzzing: remove / update on a mistyped --artifacts left an empty root with a .lock behind.
+    absent = tmp_path / "no-such-root"
+    assert remove_main(["--artifacts", str(absent), "--id", "p0x000"]) != 0
+    assert "no artifact root at" in capsys.readouterr().err
+    assert not absent.exists()

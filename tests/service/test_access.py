@@ -142,6 +142,23 @@ def test_keys_from_a_file(tmp_path: Path) -> None:
         create_app(make_settings(tmp_path, api_keys_file=tmp_path / "empty"))
 
 
+def test_key_file_that_is_not_utf8_is_unreadable(tmp_path: Path) -> None:
+    # The fuzzer's case: a Latin-1 key file was a UnicodeDecodeError traceback at start-up.
+    keys = tmp_path / "keys.txt"
+    keys.write_bytes(f"{GOOD}\n".encode() + b"caf\xe9\n")
+    with pytest.raises(AccessError, match=r"cannot read the API key file .*keys\.txt: not UTF-8 text") as error:
+        read_keys(make_settings(tmp_path, api_keys_file=keys))
+    assert GOOD not in str(error.value)  # the reason only, never what the file holds
+
+
+@pytest.mark.parametrize("blank", [",", ", ,", " ,\t, "])
+def test_inline_keys_that_are_all_blank_are_refused(tmp_path: Path, blank: str) -> None:
+    # STL_API_KEYS=", ," parsed to no key, and no key means an open API: refused like an empty key file.
+    with pytest.raises(AccessError, match="STL_API_KEYS holds no key"):
+        create_app(make_settings(tmp_path, api_keys=blank))
+    assert read_keys(make_settings(tmp_path, api_keys=f"{GOOD}, ,")) == [GOOD]  # a stray comma is fine
+
+
 def test_cors_headers_only_when_configured(built: dict[str, Path], client: TestClient) -> None:
     plain = client.get("/categories", headers={"Origin": SHOP_ORIGIN})
     assert "access-control-allow-origin" not in plain.headers

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.data.stl import is_valid_id, jsonl_records
+from training.data.stl import is_valid_id, jsonl_records, not_utf8
 from training.errors import DataError
 from training.io import write_text_atomic
 
@@ -222,10 +222,20 @@ def _csv_header(path: Path, header: list[str]) -> tuple[list[str], dict[int, str
     return names, label_columns
 
 
+def _utf8_lines(path: Path, lines: Iterable[str]) -> Iterator[str]:
+    """The lines as they are, up to the first one with a byte that is not UTF-8: that one fails with its line."""
+    for number, line in enumerate(lines, start=1):
+        problem = not_utf8(line)
+        if problem is not None:
+            raise ProductFormatError(f"{path}:{number}: {problem}")
+        yield line
+
+
 def _csv_records(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
     # utf-8-sig: spreadsheet exports often start with a byte-order mark that would glue itself to "id".
-    with path.open(encoding="utf-8-sig", newline="") as source:
-        reader = csv.reader(source)
+    # surrogateescape + _utf8_lines: a byte that is not UTF-8 is named by its line, not a decode traceback.
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as source:
+        reader = csv.reader(_utf8_lines(path, source))
         try:
             header = next(reader)
         except StopIteration:

@@ -145,13 +145,22 @@ class CategoryMap:
     @classmethod
     def from_file(cls, path: str | Path) -> CategoryMap:
         path = Path(path)
+        data = path.read_bytes()
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise STLFormatError(f"{path}:{_line_of(data, exc.start)}: {_not_utf8_at(data, exc.start)}") from None
         except json.JSONDecodeError as exc:
             raise STLFormatError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+        except RecursionError:  # json gives up on very deep nesting (the fuzzer's 100000 '[')
+            raise STLFormatError(f"{path}: not valid JSON (nested too deeply)") from None
         if not isinstance(raw, dict):
             raise STLFormatError(f"{path}:1: expected an object {{product_id: category path}}")
         for product_id, category in raw.items():
+            # An id names an image file (images/products/<id>.jpg): "../../x" read a file outside the dataset.
+            if not is_valid_id(product_id):
+                shown = product_id if len(product_id) <= 80 else product_id[:77] + "..."
+                raise STLFormatError(f"{path}:1: invalid product id {shown!r} (1-128 letters, digits, '_' or '-')")
             if not isinstance(category, str) or not category.strip():
                 raise STLFormatError(f"{path}:1: product {product_id!r} has no category path")
         return cls(raw)
@@ -198,17 +207,49 @@ def _fail(report: LoadReport, on_error: OnError, issue: Issue) -> None:
     report.issues.append(issue)
 
 
+def _not_utf8_at(data: bytes, offset: int) -> str:
+    """The message for the byte at `offset` of `data` that is not UTF-8; the position counts from its line's start."""
+    position = offset - (data.rfind(b"\n", 0, offset) + 1)
+    return f"not UTF-8 text (byte 0x{data[offset]:02x} at position {position})"
+
+
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def not_utf8(line: str) -> str | None:
+    """What is wrong with one line read with errors="surrogateescape", None when it is all UTF-8.
+
+    That error handler turns each byte that is not UTF-8 into a lone surrogate (which strict UTF-8 never
+    yields), so a bad byte fails its own line, with its number, instead of the whole read with no line at all.
+    """
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raw = line.encode("utf-8", errors="surrogateescape")
+        return _not_utf8_at(raw, len(line[: exc.start].encode("utf-8")))
+    return None
+
+
 def jsonl_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(line number, record) for each non-blank line of a JSON-lines file; a line that is not a JSON object
-    comes as (line number, what is wrong with it), for the caller to raise or to skip and count."""
-    with Path(path).open(encoding="utf-8") as lines:
+    (or not UTF-8 text) comes as (line number, what is wrong with it), for the caller to raise or to skip and
+    count."""
+    with Path(path).open(encoding="utf-8", errors="surrogateescape") as lines:
         for number, text in enumerate(lines, start=1):
             if not text.strip():
+                continue
+            problem = not_utf8(text)
+            if problem is not None:
+                yield number, problem
                 continue
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as exc:
                 yield number, f"malformed JSON: {exc.msg}"
+                continue
+            except RecursionError:  # json gives up on very deep nesting (the fuzzer's 100000 '[')
+                yield number, "malformed JSON: nested too deeply"
                 continue
             yield number, record if isinstance(record, dict) else "expected a JSON object"
 
@@ -290,15 +331,25 @@ def read_bytes(location: str | Path) -> bytes:
     """The bytes of an image at a local path or a URI (fsspec: s3://, gs://, https://, file://).
 
     A URI needs fsspec, plus the store's own package (s3fs, gcsfs, aiohttp for http); a missing file is a
-    FileNotFoundError either way.
+    FileNotFoundError either way. A scheme fsspec does not know is a DataError, a store whose package is
+    missing Unavailable: both hold for every image under the same base, so they fail the job rather than one
+    image (`training.exec.executor.decode_item` lets them through).
     """
     if not is_uri(location):
         return Path(location).read_bytes()
     try:
         import fsspec  # only URIs need it: a dataset on local disk reads without it
+        from fsspec.core import split_protocol
     except ImportError as exc:
         raise Unavailable(f"reading {location} needs fsspec (pip install fsspec, and s3fs/gcsfs/aiohttp for the "
                         f"store)") from exc
+    protocol, _ = split_protocol(str(location))
+    try:
+        fsspec.get_filesystem_class(protocol)  # what fsspec.open does first, with these two errors told apart
+    except ValueError:
+        raise DataError(f"unknown protocol {protocol!r} in {location}") from None
+    except ImportError as exc:  # fsspec's message names the package: "Install s3fs to access S3"
+        raise Unavailable(f"cannot read {location}: {exc}") from exc
     with fsspec.open(str(location), "rb") as source:
         return source.read()
 

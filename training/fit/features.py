@@ -261,8 +261,11 @@ def _check_manifest(directory: Path, fingerprint: dict) -> None:
         return
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FeatureCacheError(f"{path} is corrupt ({exc}); delete {directory} and extract again") from exc
+    if not isinstance(manifest, dict):  # valid JSON, but not the object this cache writes
+        raise FeatureCacheError(f"{path} is corrupt (expected a JSON object, got {type(manifest).__name__}); "
+                                f"delete {directory} and extract again")
     differing = [name for name in fingerprint if manifest.get(name) != fingerprint[name]]
     if differing:
         raise FeatureCacheError(

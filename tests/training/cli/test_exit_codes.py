@@ -80,7 +80,8 @@ def test_a_bug_keeps_its_traceback(tiny_data: Path, tmp_path: Path, monkeypatch)
     ("train-detector", ["--lr", "inf"], "argument --lr: must be a finite number > 0"),
     ("evaluate", ["--seed", "-1"], "argument --seed: must be between"),
     ("evaluate-detector", ["--k", "0"], "argument --k: must be >= 1"),
-    ("evaluate-detector", ["--score-threshold", "2"], "argument --score-threshold: must be a finite number >= 0 and <= 1"),
+    ("evaluate-detector", ["--score-threshold", "2"],
+     "argument --score-threshold: must be a finite number >= 0 and <= 1"),
     ("synth", ["--zipf", "nan"], "argument --zipf: must be a finite number >= 0"),
 ])
 def test_out_of_range_flags_are_usage_errors_before_any_work(tmp_path: Path, capsys, command: str,

@@ -118,6 +118,20 @@ def test_csv_header_errors_are_line_1(tmp_path: Path, header: str, message: str)
     assert str(error.value).startswith(f"{path}:1: ")
 
 
+@pytest.mark.parametrize(("name", "content", "where"), [
+    ("products.jsonl", b'{"id": "p1"}\n{"id": "caf\xe9"}\n', ":2: not UTF-8 text (byte 0xe9 at position 11)"),
+    ("export.csv", b"id,title\np1,ok\np2,caf\xe9\n", ":3: not UTF-8 text (byte 0xe9 at position 6)"),
+    ("export.csv", b"\xef\xbb\xbfid,ti\xfftle\np1,ok\n", ":1: not UTF-8 text (byte 0xff at position 5)"),
+])
+def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path: Path, name: str, content: bytes, where: str) -> None:
+    # The fuzzer's case: a Latin-1 export was a UnicodeDecodeError traceback with no line.
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ProductFormatError) as error:
+        read_products(path)
+    assert str(error.value) == f"{path}{where}"
+
+
 def test_unknown_suffix_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ProductFormatError, match="unknown product file type"):
         read_products(tmp_path / "products.xml")

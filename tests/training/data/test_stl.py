@@ -11,10 +11,12 @@ from training.data.stl import (
     STLDataset,
     STLFormatError,
     dataset_fingerprint,
+    read_bytes,
     read_pairs,
     validate_bbox,
     write_pairs,
 )
+from training.errors import DataError, Unavailable
 
 SHOE = "a" * 32
 PANTS = "b" * 32
@@ -75,6 +77,53 @@ def test_skip_mode_counts_every_bad_record(tmp_path: Path) -> None:
     assert [issue.line for issue in report.issues] == [2, 3, 4, 5]
     assert "has no category" in report.issues[2].message
     assert "missing field" in report.issues[3].message
+
+
+def test_a_line_that_is_not_utf8_names_file_line_and_byte(tmp_path: Path) -> None:
+    # The fuzzer's case: a Latin-1 byte in one record was a UnicodeDecodeError traceback with no line.
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_bytes(f"{_line()}\n".encode() + b'{"product": "caf\xe9"}\n' + f"{_line(product=PANTS)}\n".encode())
+    with pytest.raises(STLFormatError, match=r"pairs\.jsonl:2: not UTF-8 text \(byte 0xe9 at position 16\)"):
+        read_pairs(pairs)
+    report = LoadReport()  # a bad line like any other: skip mode drops it and keeps reading
+    assert [pair.product_id for pair in read_pairs(pairs, on_error="skip", report=report)] == [SHOE, PANTS]
+    assert [issue.line for issue in report.issues] == [2]
+
+
+def test_json_nested_too_deeply_is_malformed(tmp_path: Path) -> None:
+    pairs = _write(tmp_path / "pairs.jsonl", [_line(), "[" * 100_000])  # json.loads: RecursionError
+    with pytest.raises(STLFormatError, match=r"pairs\.jsonl:2: malformed JSON: nested too deeply"):
+        read_pairs(pairs)
+
+
+def test_category_file_not_utf8_or_nested_too_deeply(tmp_path: Path) -> None:
+    path = tmp_path / "categories.json"
+    path.write_bytes(b'{"' + SHOE.encode() + b'":\n  "Sho\xe9s"}')
+    with pytest.raises(STLFormatError, match=r"categories\.json:2: not UTF-8 text \(byte 0xe9 at position 6\)"):
+        CategoryMap.from_file(path)
+    path.write_text("[" * 100_000)
+    with pytest.raises(STLFormatError, match=r"categories\.json: not valid JSON \(nested too deeply\)"):
+        CategoryMap.from_file(path)
+
+
+def test_category_file_ids_that_are_no_file_names_are_refused(tmp_path: Path) -> None:
+    # Found by fuzzing: index build read images/products/../../../x.jpg for the id "../../../x".
+    path = tmp_path / "categories.json"
+    for bad in ("../../../in/img", "a b", "x" * 129):
+        path.write_text(json.dumps({SHOE: "Apparel & Accessories|Shoes", bad: "Apparel & Accessories|Shoes"}))
+        with pytest.raises(STLFormatError, match=r"categories\.json:1: invalid product id"):
+            CategoryMap.from_file(path)
+
+
+def test_read_bytes_unknown_protocol_and_missing_store_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = pytest.importorskip("fsspec.registry")  # an optional package: URIs only
+    with pytest.raises(DataError, match=r"unknown protocol 'nope' in nope://bucket/a\.jpg"):
+        read_bytes("nope://bucket/a.jpg")
+    # A store fsspec knows whose package is not installed (as s3:// without s3fs): its install hint, exit 3.
+    monkeypatch.setitem(registry.known_implementations, "stlmissing",
+                        {"class": "stl_no_such_package.FileSystem", "err": "Install stl-no-such-package"})
+    with pytest.raises(Unavailable, match=r"stlmissing://bucket/a\.jpg: Install stl-no-such-package"):
+        read_bytes("stlmissing://bucket/a.jpg")
 
 
 def test_missing_image_is_reported(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from training.data.stl import Pair, STLDataset, short_name
 from training.data.synth import plan as synth_plan
 from training.data.synth.draw import BOTTOMS, SHAPE_OF_CATEGORY, render_scene, sample_look
 from training.data.synth.plan import FALLBACK_CATEGORIES, SynthConfig, generate, load_category_counts, plan
+from training.errors import DataError
 
 TINY = SynthConfig(scenes=30, products=40, seed=0)
 
@@ -103,6 +104,14 @@ def test_category_source_file_and_fallback(tmp_path: Path, monkeypatch: pytest.M
         load_category_counts(tmp_path / "absent.json")
     with pytest.raises(ValueError, match="unknown categories"):
         SynthConfig(categories=(("Home|Sofas", 10),), products=10)
+
+
+def test_category_source_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    # The fuzzer's case: a Latin-1 category file was a UnicodeDecodeError traceback.
+    source = tmp_path / "fashion-cat.json"
+    source.write_bytes(b'{"' + b"a" * 32 + b'": "Apparel & Accessories|Sho\xe9s"}')
+    with pytest.raises(DataError, match=r"fashion-cat\.json:1: not UTF-8 text \(byte 0xe9 at position 63\)"):
+        load_category_counts(source)
 
 
 def test_popularity_is_long_tailed_but_far_from_perfect() -> None:

@@ -108,6 +108,16 @@ def test_manifest_of_another_embedder_is_refused(dataset, embedder, tmp_path):
         cache_features(dataset, embedder, tmp_path / "cache", workers=0, progress=False)
 
 
+@pytest.mark.parametrize("content", [b"[]", b'"manifest"', b'{"backbone": "tiny\xff"}'])
+def test_manifest_that_is_not_an_object_is_corrupt(dataset, embedder, tmp_path, content):
+    # The fuzzer's case: valid JSON but not an object was an AttributeError (list has no .get).
+    directory = cache_dir(tmp_path / "cache", embedder)
+    directory.mkdir(parents=True)
+    (directory / "manifest.json").write_bytes(content)
+    with pytest.raises(FeatureCacheError, match=r"manifest\.json is corrupt .*; delete .* and extract again"):
+        cache_features(dataset, embedder, tmp_path / "cache", workers=0, progress=False)
+
+
 def test_interrupted_run_resumes_to_the_same_result(dataset, embedder, tmp_path, monkeypatch):
     reference = cache_features(dataset, embedder, tmp_path / "reference", batch_size=3, workers=0, progress=False)
 
