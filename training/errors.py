@@ -47,3 +47,11 @@ class ModelMismatch(TrainingError, ValueError):
     """Two parts do not belong together (checkpoint vs backbone, preprocessing, feature cache)."""
 
     exit_code = EXIT_MISMATCH
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception from a library as one line of a message: its type and its first line (torch's load errors
+    run to a dozen lines of advice; some have no text at all, as EOFError on an empty file)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+

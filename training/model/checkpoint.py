@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from training.data.split import SPLIT_FRACTIONS
-from training.errors import ModelMismatch
+from training.errors import ModelMismatch, one_line
 from training.io import atomic_path, file_sha256
 from training.model.backbones import Backbone, load_backbone
 from training.model.embedder import Embedder
@@ -124,7 +124,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except FileNotFoundError:
         raise
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        raise CheckpointMismatch(f"{path} is not a readable head checkpoint: {exc}") from exc
+        raise CheckpointMismatch(f"{path} is not a readable head checkpoint ({one_line(exc)})") from exc
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointMismatch(f"{path} is not a head checkpoint of format {FORMAT_VERSION}")
     try:
@@ -140,7 +140,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             sha256=file_sha256(path),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointMismatch(f"{path} is an incomplete head checkpoint: {exc!r}") from exc
+        raise CheckpointMismatch(f"{path} is an incomplete head checkpoint ({one_line(exc)})") from exc
 
 
 def load_embedder(

@@ -30,7 +30,7 @@ from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FeaturePyramidNetwork
 
-from training.errors import DataError, ModelMismatch
+from training.errors import DataError, ModelMismatch, one_line
 from training.io import atomic_path, file_sha256
 from training.model.backbones import Backbone, load_backbone
 from training.model.detect_post import (
@@ -320,7 +320,7 @@ def read_detector_checkpoint(path: str | Path) -> DetectorCheckpoint:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)  # data, never code
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        raise DetectorMismatch(f"{path} is not a readable detector checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise DetectorMismatch(f"{path} is not a readable detector checkpoint ({one_line(exc)})") from exc
     if not isinstance(payload, dict) or payload.get("kind") != "detector" \
             or payload.get("format_version") != FORMAT_VERSION:
         raise DetectorMismatch(f"{path} is not a detector checkpoint of format {FORMAT_VERSION}")

@@ -81,8 +81,12 @@ def test_mismatched_backbone_is_refused(tmp_path) -> None:
 
 def test_foreign_or_incomplete_files_are_refused(tmp_path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointMismatch, match="not a readable head checkpoint"):
+    with pytest.raises(CheckpointMismatch, match="not a readable head checkpoint") as refused:
         load_checkpoint(tmp_path / "junk.pt")
+    assert "\n" not in str(refused.value)  # torch's dozen lines of advice: one line here (found by fuzzing)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointMismatch, match=r"not a readable head checkpoint \(EOFError"):
+        load_checkpoint(tmp_path / "empty.pt")  # was "...checkpoint: " with nothing after it
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointMismatch, match="not a head checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
