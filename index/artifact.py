@@ -37,6 +37,7 @@ LOG = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "model.pt"
 PRODUCTS_FILE = "products.json"
+PRODUCT_KEYS = ("id", "category", "image")  # what each products.json record holds
 POPULARITY_FILE = "popularity.json"
 VERSIONS_DIR = "versions"
 CURRENT_LINK = "current"
@@ -274,11 +275,20 @@ class Artifact:
         return indexes
 
     def products(self) -> list[dict]:
-        """The products.json records: {"id", "category", "image"}."""
+        """The products.json records: {"id", "category", "image"}; CorruptArtifact for any other shape (the
+        edit commands index them by id and category)."""
+        path = self.path / PRODUCTS_FILE
         try:
-            return json.loads((self.path / PRODUCTS_FILE).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CorruptArtifact(f"{self.path / PRODUCTS_FILE} is unreadable: {exc}") from exc
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptArtifact(f"{path} is unreadable: {exc}") from exc
+        if not isinstance(records, list):
+            raise CorruptArtifact(f"{path} is corrupt: expected a list of products")
+        for number, record in enumerate(records, start=1):
+            if not (isinstance(record, dict) and all(isinstance(record.get(key), str) for key in PRODUCT_KEYS)):
+                raise CorruptArtifact(f"{path} is corrupt: product {number} is not an object with string "
+                                      f"{list(PRODUCT_KEYS)}")
+        return records
 
 
 def _short(value: object) -> str:

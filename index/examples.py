@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data.stl import BBox, Pair, STLDataset, read_bytes
+from index.errors import CorruptArtifact
+from training.data.stl import BBox, Pair, STLDataset, is_valid_id, read_bytes, validate_bbox
+from training.errors import one_line
 from training.io import copy_atomic, write_bytes_atomic, write_json_atomic
 from training.model.arrays import load_image
 
@@ -98,6 +100,16 @@ def read_examples(version_dir: Path) -> list[Example]:
     path = Path(version_dir) / EXAMPLES_FILE
     if not path.is_file():
         return []
-    return [Example(str(raw["id"]), str(raw["category"]), tuple(float(v) for v in raw["bbox"]),  # type: ignore[arg-type]
-                    str(raw["product_id"]), str(raw["scene_id"]))
-            for raw in json.loads(path.read_text(encoding="utf-8"))]
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(records, list):
+            raise TypeError(f"expected a list, got {type(records).__name__}")
+        examples = [Example(str(raw["id"]), str(raw["category"]), validate_bbox(raw["bbox"]),
+                            str(raw["product_id"]), str(raw["scene_id"])) for raw in records]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CorruptArtifact(f"{path} is corrupt ({one_line(exc)})") from None
+    # The id names a file of the version (example-<id>.jpg): nothing that could point elsewhere.
+    bad = next((example.id for example in examples if not is_valid_id(example.id)), None)
+    if bad is not None:
+        raise CorruptArtifact(f"{path} is corrupt (example id {bad[:40]!r} names no example file)")
+    return examples

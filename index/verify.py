@@ -22,6 +22,7 @@ from index.ann import (
 from index.artifact import Artifact, open_artifact
 from index.catalogue import Catalogue, CatalogueError, check_catalogue
 from index.errors import ArtifactError
+from index.examples import read_examples
 from training.cli import report as report_error
 from training.cli.args import COUNT, number
 from training.errors import TrainingError
@@ -147,6 +148,7 @@ def verify(root: Path, version: str | None = None, checkpoint: Path | None = Non
     try:
         indexes = artifact.load_indexes(verify_checksums=False)
         products = artifact.products()
+        read_examples(artifact.path)  # checksums match a forged file too: its records must still make sense
     except ArtifactError as exc:
         report.problems.append(str(exc))
         return report

@@ -6,14 +6,18 @@ Read from the serving version's own folder, so a hot reload switches the example
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel
 
 from index.artifact import versions_dir
+from index.errors import CorruptArtifact
 from index.examples import Example, read_examples
 from service.deps import EngineDep, VersionDep
+
+LOG = logging.getLogger(__name__)
 
 examples_router = APIRouter(tags=["examples"])
 
@@ -34,7 +38,11 @@ class ExamplesResponse(BaseModel):
 
 @functools.lru_cache(maxsize=8)
 def _examples(folder: Path) -> dict[str, Example]:
-    return {example.id: example for example in read_examples(folder)}
+    try:
+        return {example.id: example for example in read_examples(folder)}
+    except CorruptArtifact as exc:  # the page's "try an example" is a convenience: none, rather than a 500
+        LOG.warning("no examples served: %s", exc)
+        return {}
 
 
 def _folder(engine: EngineDep, version: VersionDep) -> Path | None:

@@ -27,3 +27,15 @@ def test_examples_list_test_split_scenes_with_their_boxes(built) -> None:
         assert Image.open(io.BytesIO(image.content)).size[0] > 0
         assert client.get("/examples/999/image").status_code == 404
         assert client.get("/examples/../manifest.json/image").status_code == 404
+
+
+def test_a_corrupt_examples_file_serves_no_examples_not_a_500(built, tmp_path) -> None:
+    import shutil
+
+    root = tmp_path / "artifacts"
+    shutil.copytree(built["root"], root, symlinks=True)
+    (open_artifact(root).path / "examples.json").write_text('[{"id": 1}]')  # found by fuzzing: a 500
+    with TestClient(create_app(make_settings(root))) as client:
+        answer = client.get("/examples")
+        assert answer.status_code == 200 and answer.json()["examples"] == []
+        assert client.get("/examples/1/image").status_code == 404
