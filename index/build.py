@@ -423,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --keep and --batch-size must be >= 1, --exact-threshold and --workers >= 0", file=sys.stderr)
         return 2
     if not args.checkpoint.is_file():
-        print(f"error: checkpoint {args.checkpoint} does not exist", file=sys.stderr)
+        print(f"error: checkpoint {args.checkpoint} "
+              f"{'is not a file' if args.checkpoint.exists() else 'does not exist'}", file=sys.stderr)
         return 2
     try:
         with open_executor(args.engine, args.ray_address, args.workers) as executor:

@@ -33,3 +33,11 @@ class IndexMismatch(ArtifactError):
 
 class Refused(ArtifactError):
     """A build or edit was refused before anything was published (bad products, nothing to index, busy root)."""
+
+
+def shown_ids(ids: list[str], most: int = 10, width: int = 40) -> str:
+    """Ids for an error line: at most `most`, each cut to `width` characters (a fuzzer's 100,000-character id
+    was echoed whole), and how many there are in all."""
+    cut = [pid if len(pid) <= width else pid[:width - 3] + "..." for pid in ids[:most]]
+    return f"{cut}" if len(ids) <= most else f"{cut[:-1] + ['...']} ({len(ids)} in all)"
+

@@ -24,7 +24,7 @@ from index.artifact import current_version, open_artifact
 from index.build import build
 from index.errors import ArtifactError
 from training.cli import report
-from training.cli.args import SEED, add_backbone_args, add_device_arg, add_engine_args, directory
+from training.cli.args import COUNT, SEED, add_backbone_args, add_device_arg, add_engine_args, directory
 from training.data.stl import PAIRS_FILE, UPSTREAM_PAIRS_FILES
 from training.data.synth import SynthConfig, generate, load_category_counts
 from training.errors import TrainingError
@@ -54,7 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (trainer default if unset)")
     parser.add_argument("--no-detector", dest="detector", action="store_false",
                         help="train no item detector: the version then serves no /detect and /shop")
-    parser.add_argument("--detector-epochs", type=int, default=DETECTOR_EPOCHS,
+    parser.add_argument("--detector-epochs", type=COUNT, default=DETECTOR_EPOCHS,
                         help=f"item detector training epochs (default {DETECTOR_EPOCHS})")
     parser.add_argument("--detector-size", type=int, default=None,
                         help="item detector input size in pixels (the detector's default if unset)")

@@ -11,7 +11,7 @@ import faiss
 import numpy as np
 
 from index.edit import carried_rows, changed, derive, open_current, placement, unchanged
-from index.errors import ArtifactError, Refused
+from index.errors import ArtifactError, Refused, shown_ids
 from index.manifest import Change
 from index.publish import DEFAULT_KEEP, build_lock
 from training.cli import report
@@ -41,7 +41,7 @@ def remove_products(root: Path, product_ids: list[str], keep: int = DEFAULT_KEEP
         known = {record["id"]: record["category"] for record in records}
         unknown = sorted({pid for pid in product_ids if pid not in known})
         if unknown:
-            raise Refused(f"nothing published: unknown product id(s) {unknown}")
+            raise Refused(f"nothing published: unknown product id(s) {shown_ids(unknown)}")
         doomed = set(product_ids)
         categories = []
         for category in sorted(artifact.categories):

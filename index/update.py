@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from index.edit import carried_rows, derive, open_current, placement, unchanged
-from index.errors import ArtifactError, Refused
+from index.errors import ArtifactError, Refused, shown_ids
 from index.manifest import Change
 from index.publish import DEFAULT_KEEP, build_lock
 from training.cli import report
@@ -107,7 +107,7 @@ def update_products(root: Path, updates: list[ProductUpdate], keep: int = DEFAUL
         known = {record["id"] for record in records}
         unknown = sorted({update.product.id for update in updates} - known)
         if unknown:
-            raise Refused(f"nothing published: unknown product id(s) {unknown}")
+            raise Refused(f"nothing published: unknown product id(s) {shown_ids(unknown)}")
         by_id: Mapping[str, ProductUpdate] = {update.product.id: update for update in updates}
         categories = [unchanged(artifact, category) for category in sorted(artifact.categories)]
         placed = placement(artifact, categories)

@@ -271,3 +271,11 @@ def test_an_edit_of_a_root_that_does_not_exist_creates_nothing(tmp_path: Path, c
     assert remove_main(["--artifacts", str(absent), "--id", "p0x000"]) != 0
     assert "no artifact root at" in capsys.readouterr().err
     assert not absent.exists()
+
+
+def test_unknown_ids_are_named_in_one_short_line(artifacts: Path, capsys) -> None:
+    # Found by fuzzing: a 100,000-character id was echoed whole.
+    ids = ["x" * 100_000, *(f"nope{n}" for n in range(20))]
+    assert remove_main(["--artifacts", str(artifacts), *(arg for pid in ids for arg in ("--id", pid))]) == 1
+    said = capsys.readouterr().err.strip()
+    assert "unknown product id(s)" in said and "(21 in all)" in said and len(said) < 400

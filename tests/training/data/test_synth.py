@@ -180,3 +180,9 @@ def test_render_scene_refuses_two_items_of_one_shape() -> None:
     looks = [sample_look(rng, "shoes", 0, 0), sample_look(rng, "shoes", 1, 1)]
     with pytest.raises(ValueError, match="distinct"):
         render_scene(looks, rng, 128, 160)
+
+
+def test_a_catalogue_too_big_to_plan_is_refused_not_run_out_of_memory() -> None:
+    # Found by fuzzing: --products 100000000000 grew to 24 GB and was killed by the kernel.
+    with pytest.raises(DataError, match="--products at most 10,000,000"):
+        SynthConfig(products=100_000_000_000)
