@@ -107,6 +107,7 @@ class _Job:
     finish: bool = True  # the worker runs encode_post; False: the job's result is the vector
     deadline: float | None = None  # time.monotonic() after which the job is dropped unembedded
     future: Future = field(default_factory=Future)
+    settled: bool = False  # counted out of the outstanding crops (Batcher._settle), under the batcher's lock
 
 
 class Batcher:
@@ -205,7 +206,17 @@ class Batcher:
             self._queue.put(job)
         return job.future
 
+    def _settle(self, job: _Job) -> None:
+        """Count the job out of the outstanding crops before its caller hears back. Counted at the end of the
+        pass instead, a client's next request (one at a time) could find the batcher still counting the job it
+        was just answered for: sent to the pool instead of the idle worker, or refused by admission."""
+        with self._lock:
+            if not job.settled:
+                job.settled = True
+                self._outstanding -= _crops(job)
+
     def _drop(self, job: _Job, reason: str) -> None:
+        self._settle(job)
         if reason == "expired":
             job.future.set_exception(JobExpired("the request's deadline passed while it waited in the queue"))
         if self._on_drop is not None:
@@ -326,12 +337,16 @@ class Batcher:
             LOG.exception("a batch of %d jobs failed outside its stages", len(batch))
             for job in batch:
                 if not job.future.done():
+                    self._settle(job)
                     job.future.set_exception(exc)
         finally:
             ended = time.perf_counter()
             with self._lock:
                 self._passes -= 1
-                self._outstanding -= sum(_crops(job) for job in batch)
+                for job in batch:  # those no stage answered (a bug's way out); the rest are counted out already
+                    if not job.settled:
+                        job.settled = True
+                        self._outstanding -= _crops(job)
                 if embedded:
                     # Busy since the last pass ended: the workers delivered `embedded` crops in that interval.
                     sample = ((ended - self._last_done) if self._last_done is not None
@@ -359,6 +374,7 @@ class Batcher:
             try:
                 crop = job.model.encode_pre(job.item) if job.crop is None else job.crop
             except Exception as exc:  # that caller's bad image (a 4xx for it), not the batch's problem
+                self._settle(job)
                 job.future.set_exception(exc)
                 continue
             groups.setdefault(id(job.model), []).append((job, crop))
@@ -372,6 +388,7 @@ class Batcher:
             except Exception as exc:  # handed to each caller, who falls back; the worker keeps going
                 LOG.exception("embedding a batch of %d crops failed", len(jobs))
                 for job in jobs:
+                    self._settle(job)
                     job.future.set_exception(exc)
                 continue
             embedded += len(stack)
@@ -380,13 +397,18 @@ class Batcher:
             starts = np.cumsum([0, *counts[:-1]])
             for job, start, count in zip(jobs, starts, counts, strict=True):
                 if job.stacked:
+                    self._settle(job)
                     job.future.set_result(vectors[start:start + count])
                     continue
                 vector = vectors[start]
                 try:
-                    job.future.set_result(job.model.encode_post(job.item, vector) if job.finish else vector)
+                    result = job.model.encode_post(job.item, vector) if job.finish else vector
                 except Exception as exc:  # that caller's search failed: its own fallback, not the batch's
+                    self._settle(job)
                     job.future.set_exception(exc)
+                else:
+                    self._settle(job)
+                    job.future.set_result(result)
         return embedded
 
 

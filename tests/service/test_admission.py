@@ -49,7 +49,7 @@ class SlowModel:
 
 
 def wait_for_empty(batcher: Batcher) -> None:
-    # A job's result is set just before its pass is counted done: give the worker that moment.
+    # A pass is timed just after its jobs' results are set: give the worker that moment.
     deadline = time.monotonic() + 10
     while batcher.outstanding and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 
@@ -343,3 +344,20 @@ def test_without_a_pool_run_keeps_every_stage_on_the_worker() -> None:
     finally:
         batcher.close()
     assert ran_in == ["stl-batcher", "stl-batcher"]
+
+
+def test_a_job_is_counted_out_before_its_caller_hears_back() -> None:
+    # Counted out at the end of the pass, the job was still outstanding when its caller's next request came
+    # (one at a time): that request went to the pool instead of the idle worker (seen in CI), and admission
+    # counted a scene already answered. Its done callback runs as the result is set: the count must be 0 then.
+    seen: list[int] = []
+    batcher = Batcher(max_size=4, max_wait_s=0.0)
+    try:
+        for item, model in ((crop(1.0), FakeEmbedder()), (lambda: 1 / 0, FakeEmbedder())):  # an answer, an error
+            future = batcher.submit(model, item)
+            future.add_done_callback(lambda _: seen.append(batcher.outstanding))
+            with contextlib.suppress(ZeroDivisionError):
+                future.result(5)
+    finally:
+        batcher.close()
+    assert seen == [0, 0]
