@@ -47,5 +47,16 @@ def report(exc: BaseException, prefix: str = "error") -> int:
     Every package root (`training.errors.TrainingError`, `index.errors.ArtifactError`) carries an
     `exit_code` class attribute; see training/errors.py for the table.
     """
-    print(f"{prefix}: {exc}", file=sys.stderr)
+    print(f"{prefix}: {_message(exc)}", file=sys.stderr)
     return int(getattr(exc, "exit_code", EXIT_INPUT))
+
+
+def _message(exc: BaseException) -> str:
+    """The error's own message. torch's DataLoader re-raises a worker's error with the worker's whole traceback
+    as its text ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): its last line is
+    the message the worker raised."""
+    text = str(exc)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text

@@ -30,3 +30,18 @@ def test_an_os_error_is_one_line_naming_the_path(monkeypatch, capsys) -> None:
     monkeypatch.setattr(target, "main", fails, raising=False)
     assert dispatch("prog", {"split": ("training.data.split", "test")}, ["split"]) == 2
     assert capsys.readouterr().err == "error: /data/out/.lock: Permission denied\n"
+
+
+def test_an_error_from_a_dataloader_worker_is_its_own_message(capsys) -> None:
+    # torch's DataLoader re-raises a worker's error with the worker's traceback as its text (found by fuzzing:
+    # a bad byte in pairs.jsonl printed a traceback-shaped "error" with --workers 2).
+    from training.cli import report
+    from training.errors import DataError
+
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File \"x.py\", line 1, in <module>\ntraining.errors.DataError: pairs.jsonl:3: "
+                        "not UTF-8 text\n")
+    assert report(wrapped) == 2
+    assert capsys.readouterr().err == "error: pairs.jsonl:3: not UTF-8 text\n"
+    report(DataError("plain: message"))
+    assert capsys.readouterr().err == "error: plain: message\n"
