@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from training.cli import report
+from training.cli.args import directory
 from training.data.fetch import DEFAULT_BASE_URL, FAILURES_FILE, FetchJob, Outcome, fetch_dataset, get_settings
 from training.errors import EXIT_INPUT, TrainingError
 
@@ -25,7 +26,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--pairs", type=Path, required=True, help="pair file (JSON lines, upstream fashion.json)")
     parser.add_argument("--categories", type=Path, required=True, help="category file (upstream fashion-cat.json)")
-    parser.add_argument("--out", type=Path, required=True, help="dataset directory to create or resume")
+    parser.add_argument("--out", type=directory, required=True, help="dataset directory to create or resume")
     parser.add_argument("--all-products", action="store_true",
                         help="also fetch products that appear only in the category file")
     parser.add_argument("--base-url", help=f"image CDN base URL (default {DEFAULT_BASE_URL}; env STL_FETCH_BASE_URL)")
@@ -61,9 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             print(f"{PROG}: {label} {path} is not a file", file=sys.stderr)
             return EXIT_INPUT
-    if args.out.exists() and not args.out.is_dir():
-        print(f"{PROG}: --out {args.out} exists and is not a directory", file=sys.stderr)
-        return EXIT_INPUT
 
     bar: tqdm | None = None
 
