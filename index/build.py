@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import hashlib
 import logging
-import shutil
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ from index.embed import embed_product_files
 from index.errors import ArtifactError, Refused
 from index.examples import DEFAULT_EXAMPLES, choose_examples, write_examples
 from index.manifest import Provenance, SplitRecord
-from index.publish import DEFAULT_KEEP, STAGING_PREFIX, build_lock, clean_stale, publish, staging_dir
+from index.publish import DEFAULT_KEEP, STAGING_PREFIX, build_lock, clean_stale, publish, staged
 from index.writer import CategoryData, new_version, stage_detector, stage_export, write_version
 from training.cli import report
 from training.cli.args import (
@@ -338,8 +337,7 @@ def build(
             detector_dir = Path(scratch) / "detector"
             if detector is not None:
                 prepare_detector(detector, detector_dir, [data_.category for data_ in categories], device)
-            staging = staging_dir(out, version)
-            try:
+            with staged(out, version) as staging:
                 write_version(staging, version, categories, fingerprint, Path(checkpoint), popularity, products,
                               provenance, exact_threshold, approximate, seed, progress, started=started,
                               catalogue=rows, examples=lambda folder: write_examples(folder, dataset, chosen),
@@ -348,9 +346,6 @@ def build(
                               detector=None if detector is None else partial(
                                   stage_detector, source=detector_dir, origin=str(Path(detector).resolve())))
                 publish(out, staging, keep)
-            finally:
-                # Published: renamed away. Not: no half-written staging dir left behind (as index/edit.py).
-                shutil.rmtree(staging, ignore_errors=True)
             return version
 
 

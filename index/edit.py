@@ -8,7 +8,6 @@ gets one only when the edit brings product data (`add --products`, `update`).
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
@@ -22,7 +21,7 @@ from index.artifact import Artifact, open_artifact
 from index.catalogue import Catalogue, CatalogueError, CatalogueRow, make_thumbnail
 from index.examples import carry_examples
 from index.manifest import Change, DetectorRecord, ExportRecord
-from index.publish import clean_stale, publish, staging_dir
+from index.publish import clean_stale, publish, staged
 from index.writer import CategoryData, new_version, stage_detector, stage_export, write_version
 from training.data.popularity import Popularity
 from training.data.products import Product
@@ -129,8 +128,7 @@ def derive(root: Path, artifact: Artifact, categories: list[CategoryData], produ
     version = new_version(f"{artifact.version}|{change.to_dict()}")
     provenance = parent.provenance.derive(artifact.version, change)
     popularity = restricted_popularity(artifact, {record["id"]: record["category"] for record in products})
-    staging = staging_dir(root, version)
-    try:
+    with staged(root, version) as staging:
         write_version(staging, version, categories, fingerprint, artifact.checkpoint_path, popularity, products,
                       provenance, parent.exact_threshold, parent.approximate, progress=False, started=started,
                       catalogue=catalogue, examples=lambda folder: carry_examples(artifact.path, folder),
@@ -138,11 +136,6 @@ def derive(root: Path, artifact: Artifact, categories: list[CategoryData], produ
                       detector=None if parent.detector is None else partial(carry_detector, artifact,
                                                                             parent.detector))
         publish(root, staging, keep)
-    except BaseException:
-        # `current` still names the parent; a failed edit leaves no half-written staging dir behind (a killed
-        # process cannot get here: the next edit's clean_stale removes its leftovers).
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return version
 
 

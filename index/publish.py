@@ -59,6 +59,18 @@ def staging_dir(root: Path, version: str) -> Path:
     return root / f"{STAGING_PREFIX}{version}"
 
 
+@contextmanager
+def staged(root: Path, version: str) -> Iterator[Path]:
+    """The staging dir of `version`, removed on the way out: published, it was renamed away; failed, it leaves
+    nothing half-written behind (`current` still names the old version). A killed process cannot get here:
+    the next build's or edit's clean_stale removes its leftovers."""
+    staging = staging_dir(root, version)
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def clean_stale(root: Path) -> list[str]:
     """Remove what killed builds left behind (staging dirs, half-pruned versions, temp links)."""
     removed = []

@@ -211,9 +211,13 @@ class Batcher:
         pass instead, a client's next request (one at a time) could find the batcher still counting the job it
         was just answered for: sent to the pool instead of the idle worker, or refused by admission."""
         with self._lock:
-            if not job.settled:
-                job.settled = True
-                self._outstanding -= _crops(job)
+            self._count_out(job)
+
+    def _count_out(self, job: _Job) -> None:
+        """`_settle`'s bookkeeping; the caller holds the lock."""
+        if not job.settled:
+            job.settled = True
+            self._outstanding -= _crops(job)
 
     def _drop(self, job: _Job, reason: str) -> None:
         self._settle(job)
@@ -344,9 +348,7 @@ class Batcher:
             with self._lock:
                 self._passes -= 1
                 for job in batch:  # those no stage answered (a bug's way out); the rest are counted out already
-                    if not job.settled:
-                        job.settled = True
-                        self._outstanding -= _crops(job)
+                    self._count_out(job)
                 if embedded:
                     # Busy since the last pass ended: the workers delivered `embedded` crops in that interval.
                     sample = ((ended - self._last_done) if self._last_done is not None
